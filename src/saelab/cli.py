@@ -1,0 +1,118 @@
+"""The `saelab` command: one subcommand per verb, flags generated from the verb's config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import saelab
+from saelab.activations import ActivationStore, CacheConfig, cache_activations
+from saelab.config import add_config_arguments, config_from_args
+from saelab.errors import SaelabError
+from saelab.lm import EMBEDDED_MODEL, load_model
+
+log = logging.getLogger("saelab")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SitesConfig:
+    model: str = EMBEDDED_MODEL
+    """Model: gemma-3-270m, a .gguf file, a local Hugging Face folder, or a hub id."""
+    layer: int | None = None
+    """Only list the sites of this layer."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    out: Path = Path("runs/demo")
+    """Folder for everything the demo writes; re-running reuses what is already there."""
+    quick: bool = False
+    """Smaller settings that finish in a couple of minutes (what CI runs)."""
+
+
+def run_cache(cfg: CacheConfig) -> None:
+    start = time.perf_counter()
+    stores = cache_activations(cfg)
+    seconds = time.perf_counter() - start
+    for store in stores.values():
+        _print_store(store)
+    _say(f"done in {seconds:.1f} s")
+
+
+def run_sites(cfg: SitesConfig) -> None:
+    lm = load_model(cfg.model)
+    sites = [s for s in lm.sites() if cfg.layer is None or s.layer == cfg.layer]
+    _say(f"{cfg.model} ({lm.hf_model.config.model_type}): {len(sites)} sites")
+    width = max(len(s.name) for s in sites)
+    _say(f"{'site':<{width}}  {'width':>6}  hugging face module")
+    for s in sites:
+        _say(f"{s.name:<{width}}  {s.width:>6}  {s.module_path} ({s.side}put)")
+
+
+def run_demo(cfg: DemoConfig) -> None:
+    tokens, context = (4_000, 64) if cfg.quick else (200_000, 128)
+    _say(f"saelab demo: {EMBEDDED_MODEL}, built-in corpus, blocks.6.hook_resid_post, "
+         f"{tokens} tokens -> {cfg.out}")
+    run_cache(CacheConfig(out=cfg.out / "activations", tokens=tokens, context_size=context))
+
+
+def _print_store(store: ActivationStore) -> None:
+    norm = store.normalisation
+    size = sum((store.path / s["file"]).stat().st_size for s in store.manifest["shards"])
+    _say(f"{store.path}: {store.n_tokens} tokens x {store.d_model} ({store.manifest['dtype']}) "
+         f"from {store.model} at {store.site}")
+    _say(f"  {len(store.manifest['shards'])} shard(s), {size / 2**20:.1f} MiB; "
+         f"{store.manifest['n_windows']} windows of {store.context_size} tokens, "
+         f"BOS {'excluded' if store.manifest['exclude_bos'] else 'included'}")
+    _say(f"  mean squared norm {norm['mean_squared_norm']:.4g}, norm scale "
+         f"{norm['norm_scale']:.4g}, centred variance {norm['mean_centered_squared_norm']:.4g}")
+    ctx = store.context(len(store) // 2)
+    _say(f"  row {len(store) // 2} is token {ctx.position} of window {ctx.window}")
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+
+
+VERBS: dict[str, tuple[type, Callable, str]] = {
+    "cache": (CacheConfig, run_cache, "Read activations at sites of a model over a corpus and "
+              "store them on disk (resumable)."),
+    "sites": (SitesConfig, run_sites, "List a model's sites with their widths."),
+    "demo": (DemoConfig, run_demo, "Run the main job on the embedded default model and corpus."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saelab", description="Sparse dictionaries for language-model activations.")
+    parser.add_argument("--version", action="version", version=f"saelab {saelab.__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, (cls, _, help_text) in VERBS.items():
+        verb = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "sites":  # `saelab sites MODEL` reads better than `--model MODEL`
+            verb.add_argument("model_arg", nargs="?", metavar="MODEL",
+                              help=f"the model (default: {EMBEDDED_MODEL})")
+        add_config_arguments(verb, cls)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    cls, run, _ = VERBS[args.verb]
+    try:
+        extra = {"model": args.model_arg} if getattr(args, "model_arg", None) else {}
+        run(config_from_args(cls, args, **extra))
+    except SaelabError as err:
+        sys.stderr.write(f"saelab {args.verb}: error: {err}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

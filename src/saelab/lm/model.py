@@ -1,0 +1,89 @@
+"""`LanguageModel`: a Hugging Face causal LM, its tokenizer, and its sites."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from saelab.lm.hooks import read_sites, spliced_logits
+from saelab.lm.sites import Site, list_sites, resolve_site
+
+
+@dataclass
+class LanguageModel:
+    """A causal LM ready to be read and spliced at TransformerLens-named sites.
+
+    `fingerprint` identifies the weights (sha256 of the files they came from, or of the
+    tensors themselves for a model built in memory); activation stores record it so that a
+    store can be matched to the model that made it.
+    """
+
+    hf_model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    fingerprint_fn: Callable[[], str] | None = field(default=None, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)
+    _sites: dict[str, Site] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.hf_model.eval()
+        self._sites = {s.name: s for s in list_sites(self.hf_model.config)}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    @property
+    def bos_token_id(self) -> int:
+        """The token every window starts with (EOS stands in for models without a BOS)."""
+        tok = self.tokenizer
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if bos is None:
+            raise ValueError(f"tokenizer of {self.name} has neither a BOS nor an EOS token")
+        return int(bos)
+
+    def sites(self) -> list[Site]:
+        return list(self._sites.values())
+
+    def site(self, name: str) -> Site:
+        return self._sites[name] if name in self._sites else resolve_site(self.hf_model.config, name)
+
+    def read(self, input_ids: Tensor, sites: Sequence[str],
+             attention_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """Activations [batch, pos, width] at each site, stopping the pass after the last."""
+        resolved = [self.site(s) for s in sites]
+        return read_sites(self.hf_model, resolved, input_ids.to(self.device),
+                          None if attention_mask is None else attention_mask.to(self.device))
+
+    def logits(self, input_ids: Tensor, splice: Mapping[str, Callable[[Tensor], Tensor | None]]
+               | None = None, attention_mask: Tensor | None = None) -> Tensor:
+        """Next-token logits [batch, pos, vocab], with sites replaced by `splice[site](value)`."""
+        splices = {self.site(name): fn for name, fn in (splice or {}).items()}
+        return spliced_logits(self.hf_model, input_ids.to(self.device), splices,
+                              None if attention_mask is None else attention_mask.to(self.device))
+
+    def fingerprint(self) -> str:
+        """sha256 of the weights' source files (or tensors), computed once on first use."""
+        if self._fingerprint is None:
+            fn = self.fingerprint_fn or (lambda: _hash_tensors(self.hf_model))
+            self._fingerprint = fn()
+        return self._fingerprint
+
+
+def _hash_tensors(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
