@@ -1,0 +1,83 @@
+"""Shared test parts: tiny real architectures and a real tokenizer, all built offline.
+
+The models are randomly initialised from real `transformers` configs (no download); the
+tokenizer is a byte-level BPE trained in about a second on saelab's own built-in corpus.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from saelab.corpus import BUILTIN_CORPUS, iter_documents
+from saelab.lm import LanguageModel
+
+VOCAB = 512
+# One entry per supported family; small enough that a forward pass takes milliseconds.
+TINY_CONFIGS: dict[str, dict] = {
+    "gemma3_text": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        sliding_window=8, layer_types=["sliding_attention", "full_attention",
+                                                       "sliding_attention"]),
+    "gemma2": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8),
+    "llama": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2),
+    "qwen2": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2),
+    "mistral": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, sliding_window=8),
+    "gpt2": dict(n_embd=64, n_layer=3, n_head=4, n_positions=256),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                     num_attention_heads=4, use_parallel_residual=True),
+    "gpt_neox_sequential": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                num_attention_heads=4, use_parallel_residual=False),
+}
+FAMILIES = list(TINY_CONFIGS)
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(itertools.islice(iter_documents(BUILTIN_CORPUS), 300), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tiny_tokenizer()
+
+
+def tiny_hf_model(family: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0):
+    model_type = family.removesuffix("_sequential")
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=VOCAB, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **TINY_CONFIGS[family])
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model.eval()
+
+
+def tiny_lm(family: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LanguageModel:
+    return LanguageModel(tiny_hf_model(family, tokenizer, seed), tokenizer, f"tiny-{family}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory,
+                   tiny_tokenizer: PreTrainedTokenizerFast) -> Path:
+    """A tiny Llama saved as a Hugging Face folder, for tests that load from disk."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_hf_model("llama", tiny_tokenizer).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
