@@ -13,6 +13,7 @@ import datetime
 import itertools
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -85,13 +86,14 @@ def cache_activations(cfg: CacheConfig, lm: LanguageModel | None = None
     if all((f / MANIFEST).is_file() for f in folders.values()) and (out / RUN_FILE).is_file():
         _check_run(out, cfg, fingerprint=None)
         return {name: ActivationStore(f) for name, f in folders.items()}
+    docs = iter_documents(cfg.corpus, text_column=cfg.text_column)  # a bad spec fails here, early
     lm = lm or load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
     sites = [lm.site(name) for name in cfg.site]
     _check_run(out, cfg, fingerprint=lm.fingerprint())
     rank, world = _distributed()
 
     rows_per_window = cfg.context_size - (0 if cfg.include_bos else 1)
-    tokens = _windows(cfg, lm, -(-cfg.tokens // rows_per_window))  # [n_windows, context]
+    tokens = _windows(cfg, docs, lm, -(-cfg.tokens // rows_per_window))  # [n_windows, context]
     n_rows = min(cfg.tokens, len(tokens) * rows_per_window)
     per_shard = _windows_per_shard(cfg, max(s.width for s in sites), rows_per_window)
     n_shards = -(-len(tokens) // per_shard)
@@ -125,8 +127,8 @@ def cache_activations(cfg: CacheConfig, lm: LanguageModel | None = None
     return {name: ActivationStore(f) for name, f in folders.items()}
 
 
-def _windows(cfg: CacheConfig, lm: LanguageModel, n_windows: int) -> np.ndarray:
-    docs = iter_documents(cfg.corpus, text_column=cfg.text_column)
+def _windows(cfg: CacheConfig, docs: Iterator[str], lm: LanguageModel, n_windows: int
+             ) -> np.ndarray:
     windows = list(itertools.islice(
         token_windows(docs, lm.tokenizer, cfg.context_size, lm.bos_token_id), n_windows))
     if not windows:
