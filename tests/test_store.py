@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_lm
 
+from conftest import tiny_lm
 from saelab import ActivationStore, CacheConfig, SaelabError, cache_activations
 from saelab.activations.store import shard_name
 
