@@ -20,11 +20,11 @@ VOCAB = 512
 # One entry per supported family; small enough that a forward pass takes milliseconds.
 TINY_CONFIGS: dict[str, dict] = {
     "gemma3_text": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                         sliding_window=8, layer_types=["sliding_attention", "full_attention",
                                                        "sliding_attention"]),
     "gemma2": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8),
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=24, sliding_window=8),
     "llama": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2),
     "qwen2": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,

@@ -8,7 +8,7 @@ last site reached, so later blocks, the final norm and the LM head never run.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 from torch import Tensor, nn
@@ -71,11 +71,9 @@ def read_sites(model: nn.Module, sites: Sequence[Site], input_ids: Tensor,
 
         return record
 
-    with hooked(model, {site: recorder(site) for site in sites}), torch.inference_mode():
-        try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
-            pass
+    fns = {site: recorder(site) for site in sites}
+    with hooked(model, fns), torch.inference_mode(), suppress(_StopForward):
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     missing = [s.name for s in sites if s.name not in captured]
     if missing:  # a bug in a Family mapping, not a user error
         raise RuntimeError(f"forward pass never reached sites {missing}")
