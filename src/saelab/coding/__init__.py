@@ -1,0 +1,12 @@
+"""Sparse coding on a dictionary: the SAE encoder, its fixes, and inference-time optimisation.
+
+`coding` does not know where activations come from: a tensor in, a `SparseCode` out.
+"""
+
+from saelab.coding.api import METHODS, Coder, decompose
+from saelab.coding.code import PursuitTrace, SparseCode
+from saelab.coding.dictionary import SAELike
+from saelab.coding.encoder import LatentScale, fit_scale
+
+__all__ = ["METHODS", "Coder", "LatentScale", "PursuitTrace", "SAELike", "SparseCode",
+           "decompose", "fit_scale"]

@@ -1,0 +1,163 @@
+"""One entry point for every coder: `Coder(dictionary, method, ...)(x)` and `decompose`."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from saelab.coding import encoder as enc
+from saelab.coding import pursuit
+from saelab.coding.code import SparseCode
+from saelab.coding.dictionary import Dictionary, SAELike, as_dictionary
+from saelab.errors import SaelabError
+
+Method = Literal["encoder", "encoder-refit", "encoder-scaled", "mp", "gp", "omp"]
+METHODS: tuple[str, ...] = get_args(Method)
+PURSUITS = {"mp": pursuit.matching_pursuit, "gp": pursuit.gradient_pursuit,
+            "omp": pursuit.orthogonal_matching_pursuit}
+_GRAM_BYTES = 2 * 2**30  # the Gram matrix is kept in memory up to this size ("auto")
+_CHUNK_BYTES = 2**30  # working memory for one chunk of rows
+
+
+class Coder:
+    """A coder bound to a dictionary: call it on batches of activations [batch, d_model].
+
+    Build once and reuse: the unit-norm dictionary and (for pursuits) the Gram matrix are
+    computed on the first call and kept. `dictionary` is a `W_dec` tensor [n_latents,
+    d_model] or an SAE (then `b_dec` is subtracted before coding, and codes decode with
+    `code.decode(W_dec, b_dec)`).
+    """
+
+    def __init__(self, dictionary: Tensor | SAELike, method: Method | str, *,
+                 k: int | None = None, tol: float | None = None, nonnegative: bool = False,
+                 scale: enc.LatentScale | None = None, gram: bool | Literal["auto"] = "auto",
+                 dtype: torch.dtype = torch.float32, chunk_size: int | None = None) -> None:
+        _check_options(method, k, tol, scale, dtype)
+        self.source, self.method, self.k, self.tol = dictionary, method, k, tol
+        self.nonnegative, self.scale, self.gram, self.dtype = nonnegative, scale, gram, dtype
+        self.chunk_size = chunk_size
+        self._dict: Dictionary | None = None
+        self._gram_LL: Tensor | None = None
+
+    def dictionary(self, device: torch.device) -> Dictionary:
+        if self._dict is None or self._dict.W_dec.device != device:
+            self._dict = as_dictionary(self.source, dtype=self.dtype, device=device)
+            self._gram_LL = None
+            if self.method == "omp" and self.k is not None and self.k > self._dict.d_model:
+                raise SaelabError(f"omp cannot select k={self.k} latents in d_model="
+                                  f"{self._dict.d_model} dimensions",
+                                  expected=f"k <= {self._dict.d_model}", found=f"k={self.k}",
+                                  fix="lower --k, or use gp or mp")
+        return self._dict
+
+    def __call__(self, x: Tensor, *, return_trace: bool = False) -> SparseCode:
+        """The sparse code of each row of x [batch, d_model] (with `return_trace`, pursuits
+        also record their steps in `code.trace`)."""
+        d = self.dictionary(x.device)
+        x_BD = _checked_input(x, d).to(self.dtype)
+        if return_trace and self.method not in PURSUITS:
+            raise SaelabError(f"method {self.method} has no steps to trace",
+                              expected="mp, gp or omp", found=self.method,
+                              fix="drop return_trace")
+        rows = self.chunk_size or self._rows_per_chunk(d)
+        return SparseCode.cat([self._code(d, x_BD[i:i + rows], return_trace)
+                               for i in range(0, max(len(x_BD), 1), rows)])
+
+    def _code(self, d: Dictionary, x_BD: Tensor, trace: bool) -> SparseCode:
+        if self.method in PURSUITS:
+            return self._pursue(d, x_BD - d.b_dec, trace)
+        code = enc.encoder_code(d, x_BD)
+        if self.method == "encoder-refit":
+            return enc.refit(d, x_BD, code, self.nonnegative)
+        if self.method == "encoder-scaled":
+            return self.scale.apply(code)
+        return code
+
+    def _pursue(self, d: Dictionary, x_BD: Tensor, trace: bool) -> SparseCode:
+        k = self.k or min(d.d_model, d.n_latents)
+        state = pursuit._Support(x_BD, d.unit_LD, self._gram(d, len(x_BD)), k,
+                                 self.nonnegative, self.tol, trace, cholesky=self.method == "omp")
+        with torch.no_grad():
+            PURSUITS[self.method](state, k)
+        norms_BK = d.norms_L[state.idx_BK]
+        values_BK = torch.where(state.live_BK & (norms_BK > 0),
+                                state.val_BK / norms_BK.clamp(min=1e-30), 0.0)
+        return SparseCode(state.idx_BK, values_BK, state.trace())
+
+    def _gram(self, d: Dictionary, batch: int) -> Tensor | None:
+        """G = D D' when allowed and worth it: it costs as much as coding n_latents / k rows
+        with one GEMM per step, and pays back only on larger batches."""
+        if self._gram_LL is None:
+            size = d.n_latents**2 * d.unit_LD.element_size()
+            k = self.k or d.d_model
+            wanted = self.gram is True or (self.gram == "auto" and size <= _GRAM_BYTES
+                                          and batch * k >= d.n_latents)
+            if wanted:
+                self._gram_LL = d.unit_LD @ d.unit_LD.T
+        return self._gram_LL
+
+    def _rows_per_chunk(self, d: Dictionary) -> int:
+        k = self.k or d.d_model
+        per_row = d.unit_LD.element_size() * (4 * d.n_latents + k * d.d_model + 3 * k * k)
+        return max(_CHUNK_BYTES // per_row, 1)
+
+
+def decompose(x: Tensor, dictionary: Tensor | SAELike, method: Method | str, *,
+              k: int | None = None, tol: float | None = None, nonnegative: bool = False,
+              scale: enc.LatentScale | None = None, gram: bool | Literal["auto"] = "auto",
+              dtype: torch.dtype = torch.float32, chunk_size: int | None = None,
+              return_trace: bool = False) -> SparseCode:
+    """Sparse codes of x [batch, d_model] on `dictionary` by `method`.
+
+    Methods: `encoder` (the SAE's own), `encoder-refit` (its support, least-squares weights),
+    `encoder-scaled` (times a fitted `LatentScale`), and inference-time optimisation: `mp`
+    (matching pursuit), `gp` (gradient pursuit), `omp` (orthogonal matching pursuit).
+    Pursuits stop after `k` selections or once ||r|| <= tol ||x||, per row; `nonnegative`
+    keeps weights >= 0. To code many batches with one dictionary, build a `Coder` once.
+    """
+    return Coder(dictionary, method, k=k, tol=tol, nonnegative=nonnegative, scale=scale,
+                 gram=gram, dtype=dtype, chunk_size=chunk_size)(x, return_trace=return_trace)
+
+
+def _check_options(method: str, k: int | None, tol: float | None,
+                   scale: enc.LatentScale | None, dtype: torch.dtype) -> None:
+    if method not in METHODS:
+        raise SaelabError(f"unknown method {method!r}", expected=" | ".join(METHODS),
+                          found=repr(method), fix="pick one of those")
+    if dtype not in (torch.float32, torch.float64):
+        raise SaelabError("pursuits compute in float32 or float64", expected="torch.float32 or "
+                          "torch.float64", found=str(dtype), fix="pass dtype=torch.float32")
+    if method in PURSUITS:
+        if k is None and tol is None:
+            raise SaelabError(f"{method} needs a stopping rule", expected="k (latents per row) "
+                              "and/or tol (relative residual norm)", found="neither",
+                              fix="pass k=32, say")
+        if k is not None and k < 1:
+            raise SaelabError("k must be positive", expected="k >= 1", found=f"k={k}",
+                              fix="pass k >= 1")
+        if tol is not None and not 0 < tol < 1:
+            raise SaelabError("tol is a relative residual norm", expected="0 < tol < 1",
+                              found=f"tol={tol}", fix="pass tol=0.1, say")
+    elif k is not None or tol is not None:
+        raise SaelabError(f"{method} uses the encoder's own support", expected="no k or tol",
+                          found=f"k={k}, tol={tol}", fix="drop k/tol, or use mp, gp or omp")
+    if method == "encoder-scaled" and scale is None:
+        raise SaelabError("encoder-scaled needs a fitted scale", expected="scale=LatentScale",
+                          found="scale=None", fix="fit one on held-out activations with "
+                          "saelab.coding.fit_scale(sae, x_heldout)")
+
+
+def _checked_input(x: Tensor, d: Dictionary) -> Tensor:
+    if x.dim() != 2 or x.shape[1] != d.d_model:
+        raise SaelabError("activations and dictionary differ in width",
+                          expected=f"activations [batch, {d.d_model}] (the dictionary's d_model)",
+                          found=f"activations of shape {tuple(x.shape)}",
+                          fix="use the dictionary trained on this site, or activations of its site")
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).any(dim=1).nonzero().squeeze(1)
+        raise SaelabError("activations hold NaN or inf", expected="finite values",
+                          found=f"{len(bad)} bad row(s), first at row {int(bad[0])}",
+                          fix="check the model's dtype (float16 overflows) or the store")
+    return x

@@ -1,0 +1,243 @@
+"""Inference-time optimisation: matching pursuit, gradient pursuit and OMP, batched.
+
+All three share one loop shape: select the latent most correlated with the residual, add it
+to the row's support, update the weights on the support, update the correlations. They run
+on unit-norm decoder rows (`Dictionary.unit_LD`). The only Python loop is over the k
+selection steps; every step works on the whole batch.
+
+The correlations c = r D' [B, L] are the expensive part: recomputing them is one
+[B, d] x [d, L] GEMM per step. With the Gram matrix G = D D' in memory, a weight change on m
+slots changes c by (delta z) G[S, :], a sparse x dense product costing B*m*L instead of
+B*d*L, so while the support is small compared with d the Gram path is many times cheaper
+(Rubinstein, Zibulevsky & Elad 2008, "Batch-OMP"). Each step takes the cheaper of the two.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from saelab.coding.code import PursuitTrace
+from saelab.coding.linalg import IncrementalCholesky, nnls
+
+# A sparse x dense product runs about this many times slower per multiply-add than a dense
+# GEMM on the CPUs measured (benchmarks/coding.py); the Gram path is taken when m times this
+# is below d_model.
+SPARSE_GEMM_PENALTY = 10
+
+
+class _Support:
+    """The per-row state of a pursuit: support slots, weights, residual and correlations."""
+
+    def __init__(self, x_BD: Tensor, unit_LD: Tensor, gram_LL: Tensor | None, k: int,
+                 nonnegative: bool, tol: float | None, trace: bool, cholesky: bool) -> None:
+        B, D = x_BD.shape
+        self.x_BD, self.unit_LD, self.gram_LL = x_BD, unit_LD, gram_LL
+        self.nonnegative = nonnegative
+        self.idx_BK = torch.zeros(B, k, dtype=torch.long, device=x_BD.device)
+        self.val_BK = x_BD.new_zeros(B, k)
+        self.live_BK = torch.zeros(B, k, dtype=torch.bool, device=x_BD.device)
+        self.dirs_BKD = x_BD.new_zeros(B, k, D)  # unit decoder row of each slot (0 if unused)
+        self.count_B = torch.zeros(B, dtype=torch.long, device=x_BD.device)
+        self.r_BD = x_BD.clone()
+        self.c_BL = x_BD @ unit_LD.T
+        self.x_norm_B = x_BD.norm(dim=1)
+        self.stop_norm_B = (tol or 0.0) * self.x_norm_B
+        self.active_B = self.x_norm_B > 0
+        self.rows_B = torch.arange(B, device=x_BD.device)
+        self.chol = (IncrementalCholesky(B, k, x_BD.dtype, x_BD.device)
+                     if trace or cholesky else None)
+        self.log: dict[str, list[Tensor]] | None = (
+            {"residual_norm": [self.x_norm_B.clone()], "selected": [], "span_cosine": []}
+            if trace else None)
+
+    def select(self, exclude_support: bool) -> Tensor:
+        """Latent most correlated with the residual [B] (largest positive correlation when
+        non-negative); rows with nothing left to gain, or below tolerance, stop here.
+
+        Reads the correlations without copying them: the support is zeroed in place for the
+        search and restored after (unused slots point at slot 0's latent, so zeroing them
+        is harmless).
+        """
+        masked = exclude_support and bool(self.live_BK.any())
+        if masked:
+            saved_BK = self.c_BL.gather(1, self.idx_BK)
+            self.c_BL.scatter_(1, self.idx_BK, 0.0)
+        best_B, i_B = self.c_BL.max(dim=1)
+        if not self.nonnegative:
+            low_B, j_B = self.c_BL.min(dim=1)
+            neg_B = -low_B > best_B
+            best_B, i_B = torch.where(neg_B, -low_B, best_B), torch.where(neg_B, j_B, i_B)
+        if masked:
+            self.c_BL.scatter_(1, self.idx_BK, saved_BK)
+        floor_B = 10 * torch.finfo(self.x_BD.dtype).eps * self.x_norm_B
+        residual_B = self.r_BD.norm(dim=1)
+        self.active_B &= (best_B > floor_B) & (residual_B > self.stop_norm_B)
+        return i_B
+
+    def slot_for(self, i_B: Tensor, reuse: bool) -> tuple[Tensor, Tensor]:
+        """Slot of latent i in each row: its existing slot when `reuse` and already
+        selected, else the next free one. Returns (position [B], is_new [B])."""
+        pos_B, new_B = self.count_B.clone(), torch.ones_like(self.active_B)
+        if reuse:
+            hit_BK = (self.idx_BK == i_B[:, None]) & self.live_BK
+            found_B = hit_BK.any(dim=1)
+            pos_B = torch.where(found_B, hit_BK.int().argmax(dim=1), pos_B)
+            new_B = ~found_B
+        return pos_B, new_B
+
+    def inner_with_support(self, i_B: Tensor, rows_R: Tensor) -> Tensor:
+        """<d_i, d_s> for every slot s of `rows` [R, K] (0 on unused slots)."""
+        idx_RK, i_R = self.idx_BK[rows_R], i_B[rows_R]
+        if self.gram_LL is not None:
+            return self.gram_LL[idx_RK, i_R[:, None]] * self.live_BK[rows_R]
+        return torch.einsum("rkd,rd->rk", self.dirs_BKD[rows_R], self.unit_LD[i_R])
+
+    def add(self, i_B: Tensor, pos_B: Tensor, new_B: Tensor, *,
+            stop_if_dependent: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Put latent i into slot pos of the active rows that selected a new latent.
+
+        With a Cholesky factor, also grows it and records the cosine of the new direction to
+        the span of the support. A direction numerically inside that span cannot join the
+        factor: OMP (`stop_if_dependent`) stops such a row; MP and GP add the slot anyway and
+        leave it out of the factor, which only the trace sees. Returns the rows [R] that added
+        a slot and, with a factor, their inner products [R, K] with the previous support.
+        """
+        cosine_B = torch.full_like(self.x_norm_B, torch.nan)
+        cosine_B[self.active_B & ~new_B] = 1.0  # matching pursuit re-picked a latent
+        rows_R = (self.active_B & new_B).nonzero().squeeze(1)
+        b_RK = None
+        if self.chol is not None:
+            b_RK = self.inner_with_support(i_B, rows_R)
+            w_RK = self.chol.project(rows_R, b_RK)
+            ok_R = self.chol.add(rows_R, pos_B[rows_R], w_RK)
+            cosine_B[rows_R] = w_RK.norm(dim=1).clamp(max=1)
+            if stop_if_dependent:
+                self.active_B[rows_R[~ok_R]] = False
+                rows_R, b_RK = rows_R[ok_R], b_RK[ok_R]
+        pos_R, i_R = pos_B[rows_R], i_B[rows_R]
+        first_R = pos_R == 0  # unused slots point at the first latent (see `select`)
+        self.idx_BK[rows_R[first_R]] = i_R[first_R, None]
+        self.idx_BK[rows_R, pos_R] = i_R
+        self.dirs_BKD[rows_R, pos_R] = self.unit_LD[i_R]
+        self.live_BK[rows_R, pos_R] = True
+        self.count_B[rows_R] += 1
+        if self.log is not None:
+            self.log["selected"].append(torch.where(self.active_B, i_B, -1))
+            self.log["span_cosine"].append(torch.where(self.active_B, cosine_B, torch.nan))
+        return rows_R, b_RK
+
+    def apply(self, delta_BK: Tensor, dx_BD: Tensor | None = None,
+              changed_BM: Tensor | None = None) -> None:
+        """Change the weights by delta (per slot; only the slots `changed` when given) and
+        update the residual and the correlations."""
+        self.val_BK += delta_BK
+        if self.nonnegative:
+            self.val_BK.clamp_(min=0)
+        if dx_BD is None:
+            dx_BD = torch.einsum("bk,bkd->bd", delta_BK, self.dirs_BKD)
+        self.r_BD -= dx_BD
+        if changed_BM is None:
+            m = int(self.count_B.max())
+            changed_BM = torch.arange(m, device=delta_BK.device).expand(len(delta_BK), m)
+        m = changed_BM.shape[1]
+        if self.gram_LL is not None and m * SPARSE_GEMM_PENALTY < self.x_BD.shape[1]:
+            _sub_sparse_rows_times_(self.c_BL, self.idx_BK.gather(1, changed_BM),
+                                    delta_BK.gather(1, changed_BM), self.gram_LL)
+        else:
+            torch.mm(self.r_BD, self.unit_LD.T, out=self.c_BL)
+        if self.log is not None:
+            self.log["residual_norm"].append(self.r_BD.norm(dim=1))
+
+    def trace(self) -> PursuitTrace | None:
+        if self.log is None:
+            return None
+        steps = len(self.log["selected"])
+        empty = self.x_norm_B.new_zeros(0, len(self.x_norm_B))
+        return PursuitTrace(
+            torch.stack(self.log["residual_norm"][: steps + 1]),
+            torch.stack(self.log["selected"]) if steps else empty.long(),
+            torch.stack(self.log["span_cosine"]) if steps else empty)
+
+
+def _sub_sparse_rows_times_(out_BL: Tensor, idx_BM: Tensor, val_BM: Tensor,
+                            dense_LL: Tensor) -> None:
+    """out[b] -= sum_m val[b, m] * dense[idx[b, m]], as one in-place CSR x dense product."""
+    B, M = idx_BM.shape
+    crow = torch.arange(0, B * M + 1, M, device=idx_BM.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        csr = torch.sparse_csr_tensor(crow, idx_BM.reshape(-1), val_BM.reshape(-1),
+                                      size=(B, dense_LL.shape[0]), check_invariants=False)
+        out_BL.addmm_(csr, dense_LL, alpha=-1)
+
+
+def matching_pursuit(state: _Support, k: int) -> None:
+    """Matching pursuit (Mallat & Zhang 1993): k times, select the latent with the largest
+    |correlation| and add that correlation to its weight; a latent may be picked again."""
+    for _ in range(k):
+        i_B = state.select(exclude_support=False)
+        if not state.active_B.any():
+            break
+        pos_B, new_B = state.slot_for(i_B, reuse=True)
+        state.add(i_B, pos_B, new_B)
+        step_B = state.c_BL.gather(1, i_B[:, None]).squeeze(1) * state.active_B
+        delta_BK = torch.zeros_like(state.val_BK).scatter_(1, pos_B[:, None], step_B[:, None])
+        state.apply(delta_BK, dx_BD=step_B[:, None] * state.unit_LD[i_B],
+                    changed_BM=pos_B[:, None])
+
+
+def gradient_pursuit(state: _Support, k: int) -> None:
+    """Gradient pursuit (Blumensath & Davies 2008), one new latent per step:
+    1. select the latent most correlated with the residual and add it to the support;
+    2. gradient g = the correlations on the support (non-negative: 0 for weights at 0 whose
+       gradient points below 0, and the step is cut where a weight would cross 0);
+    3. exact line search: a = <u, r> / <u, u> with u = g D_S;
+    4. z += a g, r -= a u."""
+    for _ in range(k):
+        i_B = state.select(exclude_support=True)
+        if not state.active_B.any():
+            break
+        pos_B, new_B = state.slot_for(i_B, reuse=False)
+        state.add(i_B, pos_B, new_B)
+        g_BK = state.c_BL.gather(1, state.idx_BK) * state.live_BK
+        if state.nonnegative:
+            g_BK = torch.where((state.val_BK <= 0) & (g_BK < 0), 0.0, g_BK)
+        u_BD = torch.einsum("bk,bkd->bd", g_BK, state.dirs_BKD)
+        uu_B = (u_BD * u_BD).sum(dim=1)
+        a_B = (u_BD * state.r_BD).sum(dim=1) / torch.where(uu_B > 0, uu_B, 1.0)
+        if state.nonnegative:  # largest step keeping every weight >= 0
+            cap_BK = torch.where(g_BK < 0, state.val_BK / -g_BK.clamp(max=-1e-30), torch.inf)
+            a_B = torch.minimum(a_B, cap_BK.amin(dim=1))
+        a_B = a_B * state.active_B
+        state.apply(a_B[:, None] * g_BK, dx_BD=a_B[:, None] * u_BD)
+
+
+def orthogonal_matching_pursuit(state: _Support, k: int) -> None:
+    """Orthogonal matching pursuit (Pati et al. 1993): select as gradient pursuit does, then
+    the exact least-squares weights on the support. The Cholesky factor of the support's Gram
+    matrix grows by one row per step (a triangular solve), never refactorised; the
+    non-negative variant solves NNLS on the support, warm-started from the last step.
+    Needs a `_Support` built with `cholesky=True`."""
+    assert state.chol is not None
+    y_BK = torch.zeros_like(state.val_BK)  # <x, d_s>: the least-squares right-hand side
+    gram_BKK = (state.val_BK.new_zeros(*y_BK.shape, y_BK.shape[1])
+                if state.nonnegative else None)
+    for _ in range(k):
+        i_B = state.select(exclude_support=True)
+        if not state.active_B.any():
+            break
+        pos_B, new_B = state.slot_for(i_B, reuse=False)
+        rows_R, b_RK = state.add(i_B, pos_B, new_B, stop_if_dependent=True)
+        pos_R, i_R = pos_B[rows_R], i_B[rows_R]
+        y_BK[rows_R, pos_R] = (state.x_BD[rows_R] * state.unit_LD[i_R]).sum(dim=1)
+        if gram_BKK is not None:
+            gram_BKK[rows_R, pos_R] = b_RK
+            gram_BKK[rows_R, :, pos_R] = b_RK
+            gram_BKK[rows_R, pos_R, pos_R] = 1.0
+            z_BK = nnls(gram_BKK, y_BK, state.live_BK, z0_BK=state.val_BK)
+        else:
+            z_BK = state.chol.solve(y_BK) * state.live_BK
+        state.apply((z_BK - state.val_BK) * state.active_B[:, None])
