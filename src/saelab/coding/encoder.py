@@ -108,7 +108,8 @@ def fit_scale(sae: SAELike, x: Tensor, *, per_latent: bool = True,
     s_L = torch.ones_like(h_L)
     r_L = h_L - normal_matvec(s_L)
     p_L, rr = r_L.clone(), r_L @ r_L
-    tol = 1e-10 * (h_L @ h_L).clamp(min=torch.finfo(h_L.dtype).tiny)
+    eps = torch.finfo(h_L.dtype)
+    tol = (100 * eps.eps) ** 2 * (h_L @ h_L).clamp(min=eps.tiny)
     for _ in range(max_iter):
         if rr <= tol:
             break

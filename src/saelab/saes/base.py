@@ -1,0 +1,86 @@
+"""The SAE contract every architecture shares: a dictionary plus an encoder.
+
+Weights use the SAELens / Gemma Scope orientation: `W_enc` [d_model, n_latents], `b_enc`
+[n_latents], `W_dec` [n_latents, d_model], `b_dec` [d_model]. An architecture only says how
+pre-activations become latent activations (`activation`); everything else lives here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+REGISTRY: dict[str, type[SAE]] = {}
+
+
+def register(cls: type[SAE]) -> type[SAE]:
+    """Class decorator: make an architecture loadable by its name."""
+    if cls.architecture in REGISTRY:
+        raise ValueError(f"architecture {cls.architecture!r} is registered twice")
+    REGISTRY[cls.architecture] = cls
+    return cls
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder: encode(x) = activation(pre_acts(x)); decode(z) = z W_dec + b_dec.
+
+    `apply_b_dec_to_input` subtracts `b_dec` before encoding (SAELens, sparsify); Gemma Scope
+    encodes raw activations. `site` and `model` say where the SAE reads (saelab site names).
+    """
+
+    architecture: ClassVar[str]
+
+    def __init__(self, d_model: int, n_latents: int, *, apply_b_dec_to_input: bool = True,
+                 site: str | None = None, model: str | None = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
+        self.W_enc = nn.Parameter(torch.zeros(d_model, n_latents, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(n_latents, **kw))
+        self.W_dec = nn.Parameter(torch.zeros(n_latents, d_model, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d_model, **kw))
+        self.apply_b_dec_to_input = apply_b_dec_to_input
+        self.site, self.model = site, model
+
+    @property
+    def d_model(self) -> int:
+        return self.W_dec.shape[1]
+
+    @property
+    def n_latents(self) -> int:
+        return self.W_dec.shape[0]
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Architecture-specific settings saved in `cfg.json` (k, ...)."""
+        return {}
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """[batch, d_model] -> [batch, n_latents], before the sparsifying activation."""
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def activation(self, pre_BL: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Latent activations [batch, n_latents] (dense, mostly zeros)."""
+        return self.activation(self.pre_acts(x))
+
+    def decode(self, codes_BL: Tensor) -> Tensor:
+        return codes_BL @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    @torch.no_grad()
+    def init_random(self, seed: int = 0) -> SAE:
+        """Decoder rows random unit vectors, encoder their transpose (Gao et al. 2024)."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        W = torch.randn(self.n_latents, self.d_model, generator=g, dtype=torch.float64)
+        W /= W.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(W)
+        self.W_enc.copy_(W.T)
+        return self

@@ -1,0 +1,282 @@
+"""The coding engine against references: scikit-learn's OMP, scipy's NNLS, float64 brute-force
+pursuits written straight from the papers, and least squares in numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import nnls as scipy_nnls
+from sklearn.linear_model import orthogonal_mp
+from torch.testing import assert_close
+
+import saelab.coding as sc
+from saelab import SaelabError
+from saelab.saes import TopKSAE
+
+PURSUITS = ["mp", "gp", "omp"]
+
+
+def unit_dictionary(n_latents: int, d_model: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n_latents, d_model, generator=g, dtype=torch.float64)
+    return W / W.norm(dim=1, keepdim=True)
+
+
+def gaussian(batch: int, d_model: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, d_model, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64)
+
+
+def planted(W: torch.Tensor, batch: int, k: int, nonnegative: bool, seed: int = 2):
+    """k-sparse signals on W with magnitudes in [1, 2] (random signs unless non-negative)."""
+    g = torch.Generator().manual_seed(seed)
+    support = torch.stack([torch.randperm(W.shape[0], generator=g)[:k] for _ in range(batch)])
+    mags = 1 + torch.rand(batch, k, generator=g, dtype=torch.float64)
+    if not nonnegative:
+        mags *= torch.where(torch.rand(batch, k, generator=g) < 0.5, -1.0, 1.0).double()
+    return sc.SparseCode(support, mags).decode(W), support
+
+
+def brute_force(x: np.ndarray, W: np.ndarray, k: int, method: str, nonnegative: bool):
+    """One row, float64, dense, straight from the algorithm's definition."""
+    z, r, support = np.zeros(W.shape[0]), x.copy(), []
+    for _ in range(k):
+        c = W @ r
+        score = c.copy() if nonnegative else np.abs(c)
+        if method != "mp":
+            score[support] = -np.inf
+        i = int(np.argmax(score))
+        if score[i] <= 1e-12:
+            break
+        if method == "mp":
+            z[i] += c[i]
+            support = sorted(set(support) | {i})
+        else:
+            support.append(i)
+            g = np.zeros_like(z)
+            g[support] = c[support]
+            if nonnegative:
+                g[(z <= 0) & (g < 0)] = 0
+            u = g @ W
+            a = (u @ r) / (u @ u)
+            if nonnegative:
+                neg = g < 0
+                a = min(a, np.min(z[neg] / -g[neg], initial=np.inf))
+            z = np.maximum(z + a * g, 0) if nonnegative else z + a * g
+        r = x - z @ W
+    return z
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gram", [False, True])
+def test_omp_matches_scikit_learn(dtype, gram):
+    W, x = unit_dictionary(256, 64), gaussian(100, 64)
+    code = sc.decompose(x.to(dtype), W.to(dtype), "omp", k=12, gram=gram, dtype=dtype)
+    ref = orthogonal_mp(W.T.numpy(), x.T.numpy(), n_nonzero_coefs=12).T
+    ours = code.to_dense(256).double().numpy()
+    assert ((ours != 0) == (ref != 0)).all()
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["mp", "gp"])
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_mp_and_gp_match_a_float64_brute_force(method, nonnegative):
+    W, x = unit_dictionary(128, 32), gaussian(24, 32)
+    code = sc.decompose(x, W, method, k=10, nonnegative=nonnegative, dtype=torch.float64)
+    ref = np.stack([brute_force(row, W.numpy(), 10, method, nonnegative) for row in x.numpy()])
+    np.testing.assert_allclose(code.to_dense(128).numpy(), ref, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("method", PURSUITS)
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_residual_norm_never_increases(method, nonnegative):
+    W, x = unit_dictionary(512, 48), gaussian(64, 48).float()
+    code = sc.decompose(x, W, method, k=30, nonnegative=nonnegative, return_trace=True)
+    norms = code.trace.residual_norm
+    assert norms.shape == (31, 64)
+    assert (norms[1:] <= norms[:-1] * (1 + 1e-5)).all()
+    assert_close(norms[-1], (x - code.decode(W.float())).norm(dim=1), atol=1e-4, rtol=1e-4)
+    if nonnegative:
+        assert (code.values >= 0).all()
+
+
+@pytest.mark.parametrize("method", ["omp", "gp"])
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_exact_recovery_of_planted_sparse_codes(method, nonnegative):
+    W = unit_dictionary(512, 256)
+    x, support = planted(W, 64, 4, nonnegative)
+    code = sc.decompose(x, W, method, k=4, nonnegative=nonnegative)
+    found = code.indices.sort(dim=1).values
+    assert torch.equal(found, support.sort(dim=1).values)
+    if method == "omp":  # exact weights too
+        assert_close(code.decode(W.float()), x.float(), atol=1e-4, rtol=0)
+
+
+def test_nonnegative_omp_solves_nnls_on_its_support():
+    W, x = unit_dictionary(200, 40), gaussian(30, 40)
+    code = sc.decompose(x, W, "omp", k=15, nonnegative=True, dtype=torch.float64)
+    assert (code.values >= 0).all()
+    for row in range(len(x)):
+        z, _ = scipy_nnls(W[code.indices[row]].T.numpy(), x[row].numpy())
+        np.testing.assert_allclose(code.values[row].numpy(), z, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", PURSUITS)
+def test_gram_path_chunking_and_dtype_agree(method):
+    W, x = unit_dictionary(300, 40), gaussian(50, 40)
+    base = sc.decompose(x, W, method, k=10, gram=False, dtype=torch.float64)
+    for other in (sc.decompose(x, W, method, k=10, gram=True, dtype=torch.float64),
+                  sc.decompose(x, W, method, k=10, chunk_size=7, dtype=torch.float64)):
+        assert_close(other.to_dense(300), base.to_dense(300), atol=1e-9, rtol=0)
+    single = sc.decompose(x.float(), W.float(), method, k=10)
+    assert_close(single.to_dense(300).double(), base.to_dense(300), atol=1e-4, rtol=0)
+
+
+def test_tolerance_stops_each_row_when_reached():
+    W, x = unit_dictionary(256, 32), gaussian(80, 32)
+    code = sc.decompose(x, W, "gp", k=32, tol=0.4, dtype=torch.float64, return_trace=True)
+    rel = code.trace.residual_norm / x.norm(dim=1)
+    l0 = code.l0()
+    assert len(set(l0.tolist())) > 3  # rows stop at different steps
+    for row in range(len(x)):
+        n = int(l0[row])
+        assert rel[n, row] <= 0.4 < rel[n - 1, row]  # stopped at the first step below tol
+        assert (code.trace.selected[n:, row] == -1).all()
+
+
+@pytest.mark.parametrize("method", PURSUITS)
+def test_trace_span_cosine_matches_a_projection(method):
+    W, x = unit_dictionary(128, 24), gaussian(10, 24)
+    code = sc.decompose(x, W, method, k=8, dtype=torch.float64, return_trace=True)
+    sel, cos = code.trace.selected, code.trace.span_cosine
+    for row in range(len(x)):
+        chosen: list[int] = []
+        for step in range(8):
+            i = int(sel[step, row])
+            if i in chosen:  # matching pursuit picked it again
+                assert cos[step, row] == 1
+                continue
+            if chosen:
+                A = W[chosen].T.numpy()
+                proj = A @ np.linalg.lstsq(A, W[i].numpy(), rcond=None)[0]
+                assert cos[step, row].item() == pytest.approx(np.linalg.norm(proj), abs=1e-8)
+            else:
+                assert cos[step, row] == 0
+            chosen.append(i)
+
+
+def test_non_unit_rows_warn_and_codes_decode_with_the_rows_as_given():
+    W, x = unit_dictionary(128, 24), gaussian(10, 24)
+    scales = torch.linspace(0.5, 3, 128, dtype=torch.float64)[:, None]
+    with pytest.warns(UserWarning, match="not unit norm.*normalised copies"):
+        scaled = sc.decompose(x, W * scales, "omp", k=6, dtype=torch.float64)
+    plain = sc.decompose(x, W, "omp", k=6, dtype=torch.float64)
+    assert_close(scaled.decode(W * scales), plain.decode(W))
+
+
+@pytest.fixture(scope="module")
+def sae() -> TopKSAE:
+    model = TopKSAE(24, 96, k=6, dtype=torch.float64).init_random(seed=3)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        model.b_dec.copy_(0.3 * torch.randn(24, generator=g, dtype=torch.float64))
+        model.b_enc.copy_(0.1 * torch.randn(96, generator=g, dtype=torch.float64))
+        model.W_enc.mul_(0.7)  # a shrinking encoder, as trained SAEs have
+    return model
+
+
+def test_encoder_method_is_the_saes_own_code(sae):
+    x = gaussian(40, 24)
+    code = sc.decompose(x, sae, "encoder", dtype=torch.float64)
+    assert_close(code.to_dense(96), sae.encode(x).detach())
+    assert_close(code.decode(sae.W_dec.detach(), sae.b_dec.detach()), sae(x).detach())
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_encoder_refit_is_least_squares_on_the_encoders_support(sae, nonnegative):
+    x = gaussian(40, 24)
+    enc = sc.decompose(x, sae, "encoder", dtype=torch.float64)
+    code = sc.decompose(x, sae, "encoder-refit", nonnegative=nonnegative, dtype=torch.float64)
+    target = (x - sae.b_dec).detach().numpy()
+    for row in range(len(x)):
+        S = enc.indices[row][enc.values[row] != 0]
+        A = sae.W_dec[S].detach().T.numpy()
+        ref = scipy_nnls(A, target[row])[0] if nonnegative else np.linalg.lstsq(A, target[row],
+                                                                                rcond=None)[0]
+        got = code.to_dense(96)[row, S].numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-8)
+
+
+@pytest.mark.parametrize("per_latent", [False, True])
+def test_encoder_scaled_never_worse_than_the_encoder_where_fitted(sae, per_latent, tmp_path):
+    x_fit = gaussian(300, 24, seed=5)
+    scale = sc.fit_scale(sae, x_fit, per_latent=per_latent, dtype=torch.float64)
+    W, b = sae.W_dec.detach(), sae.b_dec.detach()
+
+    def mse(code):
+        return ((x_fit - code.decode(W, b)) ** 2).sum().item()
+
+    enc = sc.decompose(x_fit, sae, "encoder", dtype=torch.float64)
+    scaled = sc.decompose(x_fit, sae, "encoder-scaled", scale=scale, dtype=torch.float64)
+    assert mse(scaled) < mse(enc)
+    scale.save(tmp_path / "scale.safetensors")
+    assert torch.equal(sc.LatentScale.load(tmp_path / "scale.safetensors").scale, scale.scale)
+
+
+def test_per_latent_scale_is_the_least_squares_optimum(sae):
+    """Against a dense float64 least-squares fit of one scale per active latent."""
+    x = gaussian(120, 24, seed=6)
+    scale = sc.fit_scale(sae, x, dtype=torch.float64).scale
+    z = sae.encode(x).detach().numpy()
+    W, target = sae.W_dec.detach().numpy(), (x - sae.b_dec).detach().numpy()
+    active = np.flatnonzero((z != 0).any(axis=0))
+    design = np.stack([(z[:, j:j + 1] * W[j]).ravel() for j in active], axis=1)
+    ref = np.linalg.lstsq(design, target.ravel(), rcond=None)[0]
+    np.testing.assert_allclose(scale[active].numpy(), ref, rtol=1e-6, atol=1e-6)
+    assert (scale[np.setdiff1d(np.arange(96), active)] == 1).all()
+
+
+def test_pursuit_on_an_sae_subtracts_b_dec(sae):
+    x = gaussian(20, 24)
+    with_sae = sc.decompose(x, sae, "gp", k=5, dtype=torch.float64)
+    bare = sc.decompose(x - sae.b_dec.detach(), sae.W_dec.detach(), "gp", k=5,
+                        dtype=torch.float64)
+    assert_close(with_sae.decode(sae.W_dec.detach(), sae.b_dec.detach()),
+                 bare.decode(sae.W_dec.detach()) + sae.b_dec.detach())
+
+
+def test_sparse_code_round_trips(tmp_path):
+    W, x = unit_dictionary(64, 16), gaussian(12, 16).float()
+    code = sc.decompose(x, W, "omp", k=5)
+    dense = code.to_dense(64)
+    assert torch.equal(code.l0(), (dense != 0).sum(dim=1))
+    again = sc.SparseCode.from_dense(dense)
+    assert torch.equal(again.to_dense(64), dense)
+    assert_close(code.decode(W.float()), dense @ W.float())
+    code.save(tmp_path / "codes.safetensors", metadata={"method": "omp"})
+    loaded = sc.SparseCode.load(tmp_path / "codes.safetensors")
+    assert torch.equal(loaded.indices, code.indices) and torch.equal(loaded.values, code.values)
+    both = sc.SparseCode.cat([code, sc.SparseCode.from_dense(dense[:3], k=2)])
+    assert both.k == 5 and len(both) == 15
+    assert torch.equal(both.to_dense(64)[:12], dense)
+
+
+def test_errors_say_what_to_do(sae, tmp_path):
+    W, x = unit_dictionary(64, 16), gaussian(4, 16)
+    cases = [
+        (lambda: sc.decompose(x[:, :8], W, "gp", k=3), "differ in width"),
+        (lambda: sc.decompose(x.clone().index_fill_(0, torch.tensor([2]), torch.nan), W, "gp",
+                              k=3), "first at row 2"),
+        (lambda: sc.decompose(x, W, "omp", k=17), "omp cannot select k=17"),
+        (lambda: sc.decompose(x, W, "lasso", k=3), "encoder | encoder-refit"),
+        (lambda: sc.decompose(x, W, "gp"), "needs a stopping rule"),
+        (lambda: sc.decompose(x, W, "encoder"), "need an SAE"),
+        (lambda: sc.decompose(gaussian(4, 24), sae, "encoder-scaled"), "fit_scale"),
+        (lambda: sc.decompose(gaussian(4, 24), sae, "encoder", k=4), "encoder's own support"),
+        (lambda: sc.decompose(x, W, "gp", k=3, tol=2.0), "0 < tol < 1"),
+        (lambda: sc.SparseCode.load(tmp_path / "missing.safetensors"), "cannot read sparse"),
+    ]
+    for call, message in cases:
+        with pytest.raises(SaelabError, match=message.replace("|", r"\|")):
+            call()
