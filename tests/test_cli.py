@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -104,5 +106,10 @@ def test_sites_lists_widths(tiny_model_dir):
 
 def test_parser_builds_for_every_verb():
     parser = build_parser()
-    for verb in VERBS:
-        assert parser.parse_args([verb, *(["--out", "x"] if verb == "cache" else [])]).verb == verb
+    for verb, (cls, _, _) in VERBS.items():
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        args = [a for name in required for a in ("--" + name.replace("_", "-"), "x")]
+        assert parser.parse_args([verb, *args]).verb == verb
+        with pytest.raises(SystemExit) if required else contextlib.nullcontext():
+            parser.parse_args([verb])

@@ -9,14 +9,22 @@
 __version__ = "0.1.0"
 
 from saelab.activations import ActivationStore, CacheConfig, cache_activations  # noqa: E402
+from saelab.coding import Coder, SparseCode, decompose  # noqa: E402
 from saelab.errors import SaelabError  # noqa: E402
 from saelab.lm import LanguageModel, load_model  # noqa: E402
+from saelab.saes import SAE, load_sae, save_sae  # noqa: E402
 
 __all__ = [
     "ActivationStore",
     "CacheConfig",
+    "Coder",
     "LanguageModel",
+    "SAE",
     "SaelabError",
+    "SparseCode",
     "cache_activations",
+    "decompose",
     "load_model",
+    "load_sae",
+    "save_sae",
 ]

@@ -15,6 +15,7 @@ from saelab.activations import ActivationStore, CacheConfig, cache_activations
 from saelab.config import add_config_arguments, config_from_args
 from saelab.errors import SaelabError
 from saelab.lm import EMBEDDED_MODEL, load_model
+from saelab.verbs.decompose import DecomposeConfig, run_decompose
 
 log = logging.getLogger("saelab")
 
@@ -61,6 +62,12 @@ def run_demo(cfg: DemoConfig) -> None:
     run_cache(CacheConfig(out=cfg.out / "activations", tokens=tokens, context_size=context))
 
 
+def run_decompose_verb(cfg: DecomposeConfig) -> None:
+    s = run_decompose(cfg)
+    _say(f"{cfg.method}: {s['tokens']} tokens, FVU {s['fvu']:.4f}, L0 {s['l0']:.2f}, "
+         f"{s['tokens_per_s']:.0f} tokens/s -> {cfg.out}")
+
+
 def _print_store(store: ActivationStore) -> None:
     norm = store.normalisation
     size = sum((store.path / s["file"]).stat().st_size for s in store.manifest["shards"])
@@ -83,6 +90,8 @@ VERBS: dict[str, tuple[type, Callable, str]] = {
     "cache": (CacheConfig, run_cache, "Read activations at sites of a model over a corpus and "
               "store them on disk (resumable)."),
     "sites": (SitesConfig, run_sites, "List a model's sites with their widths."),
+    "decompose": (DecomposeConfig, run_decompose_verb, "Code stored activations with an SAE's "
+                  "dictionary (encoder or inference-time optimisation); print FVU and L0."),
     "demo": (DemoConfig, run_demo, "Run the main job on the embedded default model and corpus."),
 }
 

@@ -1,0 +1,70 @@
+"""`saelab decompose` end to end: a real store from a tiny model, a saved SAE, codes on disk."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import saelab as sl
+from saelab.coding import LatentScale
+
+
+@pytest.fixture(scope="module")
+def store_and_sae(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("decompose")
+    sl.cache_activations(sl.CacheConfig(out=root / "acts", model=str(tiny_model_dir),
+                                        site=("blocks.1.hook_resid_post",), tokens=1200,
+                                        context_size=32))
+    store = sl.ActivationStore(root / "acts")
+    sae = sl.saes.TopKSAE(store.d_model, 256, k=8, site=store.site).init_random(seed=1)
+    with torch.no_grad():
+        sae.b_dec.copy_(store[:].mean(dim=0))
+    sl.save_sae(sae, root / "sae")
+    return root, store, sae
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "saelab", "decompose", *args],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("method", ["gp", "encoder"])
+def test_decompose_writes_the_codes_and_reports_fvu(store_and_sae, method):
+    root, store, sae = store_and_sae
+    out = root / f"{method}.safetensors"
+    k = ["--k", "16"] if method == "gp" else []
+    proc = run("--sae", str(root / "sae"), "--activations", str(root / "acts"), "--method",
+               method, *k, "--tokens", "1000", "--batch-size", "300", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    codes = sl.SparseCode.load(out)
+    x = store[:1000]
+    expected = sl.decompose(x, sae, method, k=16 if method == "gp" else None)
+    assert_close(codes.to_dense(256), expected.to_dense(256), atol=1e-5, rtol=1e-4)
+    x_hat = codes.decode(sae.W_dec.detach(), sae.b_dec.detach())
+    fvu = ((x - x_hat) ** 2).sum() / ((x - x.mean(dim=0)) ** 2).sum()
+    assert f"FVU {fvu:.4f}" in proc.stdout
+    assert f"L0 {codes.l0().float().mean():.2f}" in proc.stdout
+
+
+def test_encoder_scaled_fits_on_held_out_rows_and_saves_the_scale(store_and_sae):
+    root, store, sae = store_and_sae
+    out = root / "scaled.safetensors"
+    proc = run("--sae", str(root / "sae"), "--activations", str(root / "acts"), "--method",
+               "encoder-scaled", "--fit-tokens", "400", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    scale = LatentScale.load(root / "scaled.scale.safetensors")
+    assert_close(scale.scale, sl.coding.fit_scale(sae, store[len(store) - 400:]).scale)
+    assert len(sl.SparseCode.load(out)) == len(store) - 400
+
+
+def test_width_mismatch_is_one_clear_error(store_and_sae):
+    root, _, _ = store_and_sae
+    sl.save_sae(sl.saes.TopKSAE(32, 64, k=4), root / "narrow")
+    proc = run("--sae", str(root / "narrow"), "--activations", str(root / "acts"), "--k", "4",
+               "--out", str(root / "x.safetensors"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "differ in width" in proc.stderr and "activations of width 32" in proc.stderr
