@@ -7,12 +7,28 @@ pre-activations become latent activations (`activation`); everything else lives 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 REGISTRY: dict[str, type[SAE]] = {}
+
+
+@dataclass
+class LossOutput:
+    """One training step's loss and what went into it."""
+
+    loss: Tensor  # scalar to minimise
+    codes: Tensor  # [batch, n_latents]: the latent activations that made x_hat
+    x_hat: Tensor  # [batch, d_model]
+    terms: dict[str, Tensor] = field(default_factory=dict)  # named parts, for metrics
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
+    return (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp(min=1e-30)
 
 
 def register(cls: type[SAE]) -> type[SAE]:
@@ -64,6 +80,19 @@ class SAE(nn.Module):
 
     def activation(self, pre_BL: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def loss(self, x: Tensor, *, sparsity_coef: float, dead_L: Tensor | None = None
+             ) -> LossOutput:
+        """The architecture's training loss on a batch of (normalised) activations.
+        `dead_L` marks latents that have not fired for a while (AuxK uses it)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make an SAE trained on x * scale work on raw x, keeping decoder rows unit norm:
+        codes shrink by 1/scale, so the biases (and any threshold) do too."""
+        self.b_dec.div_(scale)
+        self.b_enc.div_(scale)
 
     def encode(self, x: Tensor) -> Tensor:
         """Latent activations [batch, n_latents] (dense, mostly zeros)."""

@@ -16,8 +16,9 @@ from saelab.io import atomic_write, read_json, write_json
 from saelab.saes.base import REGISTRY, SAE
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
-_TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}
-_FROM_SAELENS = {v: k for k, v in _TO_SAELENS.items()}
+_TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu",
+               "batchtopk": "jumprelu"}
+_FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 
 
 def save_sae(sae: SAE, folder: str | Path, metadata: dict[str, Any] | None = None) -> Path:
@@ -25,7 +26,9 @@ def save_sae(sae: SAE, folder: str | Path, metadata: dict[str, Any] | None = Non
     from safetensors.torch import save
 
     folder = Path(folder)
-    tensors = {name: p.detach().cpu().contiguous() for name, p in sae.named_parameters()}
+    tensors = {name: p.detach().cpu().contiguous() for name, p in sae.state_dict().items()}
+    if sae.architecture == "batchtopk":  # SAELens reads it as JumpReLU: one threshold a latent
+        tensors["threshold"] = tensors["threshold"].expand(sae.n_latents).contiguous()
     data = save(tensors)
     atomic_write(folder / WEIGHTS, lambda f: f.write(data))
     cfg = {"architecture": _TO_SAELENS[sae.architecture], "d_in": sae.d_model,
@@ -55,12 +58,14 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
         raise SaelabError(f"{folder} holds an SAE architecture saelab cannot run",
                           expected=", ".join(_FROM_SAELENS), found=str(cfg.get("architecture")),
                           fix="convert it, or open an issue with the file")
-    extra = {"k": cfg["k"]} if name == "topk" else {}
+    extra = {"k": cfg["k"]} if name in ("topk", "batchtopk") else {}
     sae = REGISTRY[name](cfg["d_in"], cfg["d_sae"], **extra,
                          apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True),
                          site=meta.get("hook_name"), model=meta.get("model_name"),
                          dtype=getattr(torch, cfg.get("dtype", "float32")), device=device)
     state = load_file(str(folder / WEIGHTS), device=str(device))
+    if name == "batchtopk" and state.get("threshold", torch.zeros(())).dim() == 1:
+        state["threshold"] = state["threshold"][0]
     try:
         sae.load_state_dict(state)
     except RuntimeError as err:

@@ -1,8 +1,7 @@
-"""JumpReLU SAE (Rajamanoharan et al. 2024; Gemma Scope): z = pre * (pre > threshold).
-
-BatchTopK SAEs (Bussmann et al. 2024) are JumpReLU SAEs at inference: one global threshold
-estimated during training replaces the batch-level top-k, as SAELens saves them.
-"""
+"""JumpReLU SAE (Rajamanoharan et al. 2024; the Gemma Scope recipe):
+    z = pre * H(pre - theta),  loss = mean_b ||x - x_hat||^2 + lambda * mean_b ||z||_0.
+H has no useful gradient, so theta learns through straight-through estimators with a
+rectangle kernel of bandwidth epsilon (the paper's equations 11-12)."""
 
 from __future__ import annotations
 
@@ -11,7 +10,42 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from saelab.saes.base import SAE, register
+from saelab.saes.base import SAE, LossOutput, fvu, register
+
+BANDWIDTH = 1e-3  # epsilon, on inputs normalised to mean squared norm d_model
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre * H(pre - theta); d/dtheta = -(theta / eps) K((pre - theta) / eps)."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, theta: Tensor) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        pre, theta = ctx.saved_tensors
+        d_theta = -(theta / BANDWIDTH) * _rectangle((pre - theta) / BANDWIDTH) * grad
+        return (pre > theta) * grad, d_theta.sum(dim=0)
+
+
+class _Step(torch.autograd.Function):
+    """H(pre - theta); d/dtheta = -(1 / eps) K((pre - theta) / eps), no gradient to pre."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, theta: Tensor) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
+        pre, theta = ctx.saved_tensors
+        return None, (-(1 / BANDWIDTH) * _rectangle((pre - theta) / BANDWIDTH) * grad).sum(0)
 
 
 @register
@@ -20,8 +54,23 @@ class JumpReluSAE(SAE):
 
     def __init__(self, d_model: int, n_latents: int, **kw: Any) -> None:
         super().__init__(d_model, n_latents, **kw)
-        self.threshold = nn.Parameter(torch.zeros(n_latents, dtype=self.W_dec.dtype,
-                                                  device=self.W_dec.device))
+        self.threshold = nn.Parameter(torch.full((n_latents,), BANDWIDTH,
+                                                 dtype=self.W_dec.dtype, device=self.W_dec.device))
 
     def activation(self, pre_BL: Tensor) -> Tensor:
         return pre_BL * (pre_BL > self.threshold) * (pre_BL > 0)
+
+    def loss(self, x: Tensor, *, sparsity_coef: float, dead_L: Tensor | None = None
+             ) -> LossOutput:
+        pre_BL = torch.relu(self.pre_acts(x))
+        codes_BL = _JumpReLU.apply(pre_BL, self.threshold)
+        x_hat_BD = self.decode(codes_BL)
+        mse = (x - x_hat_BD).pow(2).sum(dim=1).mean()
+        l0 = _Step.apply(pre_BL, self.threshold).sum(dim=1).mean()
+        return LossOutput(mse + sparsity_coef * l0, codes_BL, x_hat_BD,
+                          {"mse": mse, "l0": l0, "fvu": fvu(x, x_hat_BD)})
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        super().fold_input_scale(scale)
+        self.threshold.div_(scale)

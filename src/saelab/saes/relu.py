@@ -1,11 +1,13 @@
-"""ReLU SAE (SAELens `standard`): z = ReLU(pre-activations)."""
+"""ReLU SAE (SAELens `standard`): z = ReLU(pre-activations), trained with an L1 penalty
+weighted by decoder norms (Anthropic, "Circuits Updates", April 2024):
+    loss = mean_b ||x - x_hat||^2 + lambda * mean_b sum_j z_j ||W_dec_j||."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from saelab.saes.base import SAE, register
+from saelab.saes.base import SAE, LossOutput, fvu, register
 
 
 @register
@@ -14,3 +16,12 @@ class ReluSAE(SAE):
 
     def activation(self, pre_BL: Tensor) -> Tensor:
         return torch.relu(pre_BL)
+
+    def loss(self, x: Tensor, *, sparsity_coef: float, dead_L: Tensor | None = None
+             ) -> LossOutput:
+        codes_BL = self.encode(x)
+        x_hat_BD = self.decode(codes_BL)
+        mse = (x - x_hat_BD).pow(2).sum(dim=1).mean()
+        l1 = (codes_BL * self.W_dec.norm(dim=1)).sum(dim=1).mean()
+        return LossOutput(mse + sparsity_coef * l1, codes_BL, x_hat_BD,
+                          {"mse": mse, "l1": l1, "fvu": fvu(x, x_hat_BD)})

@@ -1,0 +1,63 @@
+"""BatchTopK SAE (Bussmann, Leask & Nanda 2024): in training, the k x batch largest
+activations across the whole batch; at inference, one global threshold (an EMA of the
+smallest activation kept in training), which makes it a JumpReLU SAE, as SAELens saves it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saelab.saes.base import SAE, LossOutput, fvu, register
+from saelab.saes.topk import AUXK_WEIGHT, auxk_loss
+
+THRESHOLD_EMA = 0.99
+
+
+@register
+class BatchTopKSAE(SAE):
+    architecture = "batchtopk"
+
+    def __init__(self, d_model: int, n_latents: int, *, k: int, **kw: Any) -> None:
+        super().__init__(d_model, n_latents, **kw)
+        if not 0 < k < n_latents:
+            raise ValueError(f"k must be in 1..n_latents-1, got k={k}, n_latents={n_latents}")
+        self.k = k
+        self.register_buffer("threshold", torch.zeros((), dtype=self.W_dec.dtype,
+                                                      device=self.W_dec.device))
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"k": self.k}
+
+    def activation(self, pre_BL: Tensor) -> Tensor:
+        return pre_BL * (pre_BL > self.threshold) * (pre_BL > 0)
+
+    def batch_activation(self, pre_BL: Tensor) -> Tensor:
+        """Keep the k * batch largest positive pre-activations of the batch."""
+        flat = torch.relu(pre_BL).flatten()
+        top, idx = flat.topk(min(self.k * len(pre_BL), flat.numel()), sorted=False)
+        return torch.zeros_like(flat).scatter_(0, idx, top).view_as(pre_BL)
+
+    def loss(self, x: Tensor, *, sparsity_coef: float = 0.0, dead_L: Tensor | None = None
+             ) -> LossOutput:
+        pre_BL = self.pre_acts(x)
+        codes_BL = self.batch_activation(pre_BL)
+        if self.training:
+            with torch.no_grad():
+                kept = codes_BL[codes_BL > 0]
+                if kept.numel():
+                    low = kept.min()
+                    self.threshold.copy_(torch.where(self.threshold > 0, THRESHOLD_EMA *
+                                                     self.threshold + (1 - THRESHOLD_EMA) * low,
+                                                     low))
+        x_hat_BD = self.decode(codes_BL)
+        mse = (x - x_hat_BD).pow(2).sum(dim=1).mean()
+        aux = auxk_loss(self, pre_BL, x - x_hat_BD, dead_L)
+        return LossOutput(mse + AUXK_WEIGHT * aux, codes_BL, x_hat_BD,
+                          {"mse": mse, "auxk": aux, "fvu": fvu(x, x_hat_BD)})
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        super().fold_input_scale(scale)
+        self.threshold.div_(scale)
