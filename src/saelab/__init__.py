@@ -13,6 +13,7 @@ from saelab.coding import Coder, SparseCode, decompose  # noqa: E402
 from saelab.errors import SaelabError  # noqa: E402
 from saelab.lm import LanguageModel, load_model  # noqa: E402
 from saelab.saes import SAE, load_sae, save_sae  # noqa: E402
+from saelab.training import TrainConfig, train  # noqa: E402
 
 __all__ = [
     "ActivationStore",
@@ -22,9 +23,11 @@ __all__ = [
     "SAE",
     "SaelabError",
     "SparseCode",
+    "TrainConfig",
     "cache_activations",
     "decompose",
     "load_model",
     "load_sae",
     "save_sae",
+    "train",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -16,6 +17,7 @@ from saelab.config import add_config_arguments, config_from_args
 from saelab.errors import SaelabError
 from saelab.lm import EMBEDDED_MODEL, load_model
 from saelab.verbs.decompose import DecomposeConfig, run_decompose
+from saelab.verbs.train import TrainCommand, run_train
 
 log = logging.getLogger("saelab")
 
@@ -68,6 +70,17 @@ def run_decompose_verb(cfg: DecomposeConfig) -> None:
          f"{s['tokens_per_s']:.0f} tokens/s -> {cfg.out}")
 
 
+def run_train_verb(cmd: TrainCommand) -> None:
+    start = time.perf_counter()
+    sae = run_train(cmd)
+    metrics = (cmd.out / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(metrics[-1]) if metrics else {}
+    _say(f"{cmd.architecture} SAE, {sae.n_latents} latents on {sae.site}: FVU "
+         f"{last.get('fvu', float('nan')):.4f}, L0 {last.get('l0', float('nan')):.1f}, dead "
+         f"{last.get('dead_fraction', float('nan')):.1%} after {cmd.steps} steps "
+         f"({time.perf_counter() - start:.0f} s) -> {cmd.out}")
+
+
 def _print_store(store: ActivationStore) -> None:
     norm = store.normalisation
     size = sum((store.path / s["file"]).stat().st_size for s in store.manifest["shards"])
@@ -90,6 +103,8 @@ VERBS: dict[str, tuple[type, Callable, str]] = {
     "cache": (CacheConfig, run_cache, "Read activations at sites of a model over a corpus and "
               "store them on disk (resumable)."),
     "sites": (SitesConfig, run_sites, "List a model's sites with their widths."),
+    "train": (TrainCommand, run_train_verb, "Train an SAE (relu, topk, batchtopk, jumprelu) on "
+              "an activation store; resumable; data-parallel under torchrun."),
     "decompose": (DecomposeConfig, run_decompose_verb, "Code stored activations with an SAE's "
                   "dictionary (encoder or inference-time optimisation); print FVU and L0."),
     "demo": (DemoConfig, run_demo, "Run the main job on the embedded default model and corpus."),

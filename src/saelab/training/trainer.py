@@ -63,6 +63,8 @@ def train(config: TrainConfig, source: ActivationStore | Tensor, out: str | Path
     _loop(state, config, data, world, folder)
     sae = state.sae.eval()
     sae.fold_input_scale(data.norm_scale)
+    if isinstance(source, ActivationStore):
+        sae.site, sae.model = source.site, source.model
     if folder is not None and world.is_main:
         save_sae(sae, folder, metadata={"training_tokens": config.steps * config.batch_size,
                                         "saelab_config": asdict(config)})

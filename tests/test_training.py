@@ -1,0 +1,226 @@
+"""SAE losses against the papers' formulas in float64, recovery of planted directions,
+save/load, kill-and-resume, and a two-process run against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+import saelab as sl
+from saelab.saes import BatchTopKSAE, JumpReluSAE, ReluSAE, TopKSAE
+from saelab.saes.jumprelu import BANDWIDTH
+
+D, L, B = 16, 48, 32
+
+
+def random_sae(cls, **kw):
+    sae = cls(D, L, dtype=torch.float64, **kw).init_random(seed=1)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        sae.b_enc.copy_(0.2 * torch.randn(L, generator=g, dtype=torch.float64))
+        sae.b_dec.copy_(0.3 * torch.randn(D, generator=g, dtype=torch.float64))
+        sae.W_dec.mul_(torch.linspace(0.5, 1.5, L, dtype=torch.float64)[:, None])
+    return sae
+
+
+def data(seed=3):
+    return torch.randn(B, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def np_params(sae):
+    return {k: v.detach().numpy() for k, v in sae.state_dict().items()}
+
+
+def reconstruction(p, z):
+    return z @ p["W_dec"] + p["b_dec"]
+
+
+def pre_acts(p, x):
+    return (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+
+
+def test_relu_loss_is_mse_plus_decoder_weighted_l1():
+    sae, x = random_sae(ReluSAE), data()
+    p, xn = np_params(sae), x.numpy()
+    z = np.maximum(pre_acts(p, xn), 0)
+    mse = ((xn - reconstruction(p, z)) ** 2).sum(1).mean()
+    l1 = (z * np.linalg.norm(p["W_dec"], axis=1)).sum(1).mean()
+    out = sae.loss(x, sparsity_coef=0.7)
+    assert out.loss.item() == pytest.approx(mse + 0.7 * l1, rel=1e-12)
+
+
+@pytest.mark.parametrize("cls", [TopKSAE, BatchTopKSAE])
+def test_topk_losses_are_mse_plus_auxk(cls):
+    sae, x = random_sae(cls, k=5), data()
+    p, xn = np_params(sae), x.numpy()
+    pre = pre_acts(p, xn)
+    z = np.zeros_like(pre)
+    if cls is TopKSAE:  # the k largest of each row
+        top = np.argsort(-pre, axis=1)[:, :5]
+        np.put_along_axis(z, top, np.maximum(np.take_along_axis(pre, top, 1), 0), 1)
+    else:  # the k * batch largest of the batch
+        flat = np.maximum(pre, 0).ravel()
+        keep = np.argsort(-flat)[: 5 * B]
+        z.ravel()[keep] = flat[keep]
+    e = xn - reconstruction(p, z)
+    dead = np.zeros(L, bool)
+    dead[::3] = True  # 16 dead latents; k_aux = min(d_model / 2, 16) = 8
+    dead_pre = np.where(dead, pre, -np.inf)
+    aux_idx = np.argsort(-dead_pre, axis=1)[:, :8]
+    z_aux = np.zeros_like(pre)
+    np.put_along_axis(z_aux, aux_idx, np.maximum(np.take_along_axis(pre, aux_idx, 1), 0), 1)
+    auxk = ((e - z_aux @ p["W_dec"]) ** 2).sum(1).mean()
+    out = sae.train().loss(x, sparsity_coef=0.0, dead_L=torch.from_numpy(dead))
+    assert out.terms["mse"].item() == pytest.approx((e**2).sum(1).mean(), rel=1e-12)
+    assert out.loss.item() == pytest.approx((e**2).sum(1).mean() + auxk / 32, rel=1e-12)
+    if cls is BatchTopKSAE:  # the inference threshold starts at the smallest kept activation
+        assert sae.threshold.item() == pytest.approx(flat[keep].min())
+
+
+def test_jumprelu_loss_and_its_straight_through_threshold_gradient():
+    sae, x = random_sae(JumpReluSAE), data()
+    with torch.no_grad():
+        sae.threshold.copy_(torch.linspace(0.05, 0.9, L, dtype=torch.float64))
+    p, xn = np_params(sae), x.numpy()
+    pre = np.maximum(pre_acts(p, xn), 0)
+    theta = p["threshold"]
+    z = pre * (pre > theta)
+    e = xn - reconstruction(p, z)
+    lam = 0.3
+    loss = (e**2).sum(1).mean() + lam * (pre > theta).sum(1).mean()
+    out = sae.loss(x, sparsity_coef=lam)
+    assert out.loss.item() == pytest.approx(loss, rel=1e-12)
+    out.loss.backward()
+    # Rajamanoharan et al. 2024, eqs. 11-12, with a rectangle kernel of width epsilon.
+    kernel = (np.abs((pre - theta) / BANDWIDTH) < 0.5) / BANDWIDTH
+    dloss_dz = -2 / B * e @ p["W_dec"].T
+    expected = (-theta * kernel * dloss_dz).sum(0) + lam / B * (-kernel).sum(0)
+    np.testing.assert_allclose(sae.threshold.grad.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def planted_data(n_rows=60_000, d=64, n_true=256, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    true = torch.nn.functional.normalize(torch.randn(n_true, d, generator=g), dim=1)
+    idx = torch.argsort(torch.rand(n_rows, n_true, generator=g), dim=1)[:, :k]
+    mags = 0.5 + 1.5 * torch.rand(n_rows, k, generator=g)
+    return (mags[:, :, None] * true[idx]).sum(1), true
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_sparse_saes_recover_planted_directions(architecture):
+    x, true = planted_data()
+    cfg = sl.TrainConfig(architecture=architecture, n_latents=512, k=4, tokens=600_000,
+                         batch_size=512, lr=3e-3, dead_tokens=20_000)
+    sae = sl.train(cfg, x)
+    cos = (torch.nn.functional.normalize(sae.W_dec.detach(), dim=1) @ true.T).amax(dim=0)
+    assert cos.mean() >= 0.95
+    l0 = (sae.encode(x[:4000]) > 0).sum(1).float().mean()
+    assert 3 <= l0 <= 5
+
+
+@pytest.mark.parametrize("cls", [ReluSAE, TopKSAE, BatchTopKSAE, JumpReluSAE])
+def test_folding_the_input_scale_is_exact(cls):
+    sae = random_sae(cls, **({"k": 5} if cls in (TopKSAE, BatchTopKSAE) else {}))
+    with torch.no_grad():
+        sae.threshold.fill_(0.2) if hasattr(sae, "threshold") else None
+    x = data()
+    normalised = sae(x * 3.0).detach() / 3.0
+    sae.fold_input_scale(3.0)
+    assert_close(sae(x).detach(), normalised)
+
+
+def test_a_trained_sae_works_on_raw_activations_and_round_trips(tmp_path):
+    x = 5.0 * planted_data(n_rows=4000)[0] + 1.0
+    cfg = sl.TrainConfig(architecture="topk", n_latents=128, k=4, tokens=40_000,
+                         batch_size=500, log_every=1)
+    sae = sl.train(cfg, x, out=tmp_path / "run")
+    loaded = sl.load_sae(tmp_path / "run")
+    assert_close(loaded(x[:100]), sae(x[:100]))
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    fvu = ((x - sae(x).detach()) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert fvu.item() == pytest.approx(last["fvu"], abs=0.03)  # trained normalised, runs raw
+    assert_close(sae.W_dec.norm(dim=1), torch.ones(128))
+    again = sl.train(cfg, x, out=tmp_path / "run")  # a finished run is loaded, not retrained
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
+                                                 loaded.state_dict().values()))
+
+
+def test_training_errors(tmp_path):
+    x = planted_data(n_rows=2000)[0]
+    with pytest.raises(sl.SaelabError, match="k in 1..63"):
+        sl.TrainConfig(architecture="topk", n_latents=64, k=64)
+    with pytest.raises(sl.SaelabError, match="differs from --d-model"):
+        sl.train(sl.TrainConfig(n_latents=64, k=4, d_model=32, tokens=1000), x)
+    bad = x.clone()
+    bad[7, 3] = torch.nan
+    with pytest.raises(sl.SaelabError, match="NaN"):
+        sl.train(sl.TrainConfig(n_latents=64, k=4, tokens=1000), bad)
+    sl.train(sl.TrainConfig(n_latents=64, k=4, tokens=1000, batch_size=500), x, tmp_path / "r")
+    with pytest.raises(sl.SaelabError, match="(?s)holds another training run.*different k"):
+        sl.train(sl.TrainConfig(n_latents=64, k=5, tokens=1000, batch_size=500), x,
+                 tmp_path / "r")
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-store")
+    sl.cache_activations(sl.CacheConfig(out=root, model=str(tiny_model_dir),
+                                        site=("blocks.1.hook_resid_post",), tokens=3000,
+                                        context_size=32))
+    return root
+
+
+def train_cli(store, out, *extra, runner=(sys.executable, "-m", "saelab")):
+    args = [*runner, "train", "--activations", str(store), "--out", str(out), "--architecture",
+            "topk", "--n-latents", "128", "--k", "4", "--batch-size", "100", "--lr", "1e-3",
+            "--dead-tokens", "2000", "--checkpoint-every", "20", *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "sae_weights.safetensors"))
+
+
+def test_kill_and_resume_gives_identical_weights(store, tmp_path):
+    steps = ["--tokens", "300000"]  # 3000 steps
+    assert train_cli(store, tmp_path / "whole", *steps).wait() == 0
+    run = train_cli(store, tmp_path / "killed", *steps)
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    run.send_signal(signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL  # it really was killed mid-run
+    assert not (tmp_path / "killed" / "cfg.json").exists()
+    resumed = train_cli(store, tmp_path / "killed", *steps)
+    assert resumed.wait() == 0, resumed.stderr.read()
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps_logged = [int(line.split('"step": ')[1].split(",")[0]) for line in
+                    (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == sorted(set(steps_logged))  # no step logged twice
+
+
+def test_two_processes_match_one(store, tmp_path):
+    steps = ["--tokens", "6000"]
+    assert train_cli(store, tmp_path / "one", *steps).wait() == 0
+    torchrun = (os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc-per-node",
+                "2", "--master-port", "29533", "-m", "saelab")
+    two = train_cli(store, tmp_path / "two", *steps, runner=torchrun)
+    assert two.wait() == 0, two.stderr.read()
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for key in a:
+        assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
