@@ -115,7 +115,7 @@ def planted_data(n_rows=60_000, d=64, n_true=256, k=4, seed=0):
     return (mags[:, :, None] * true[idx]).sum(1), true
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "jumprelu"])
 def test_sparse_saes_recover_planted_directions(architecture):
     x, true = planted_data()
     cfg = sl.TrainConfig(architecture=architecture, n_latents=512, k=4, tokens=600_000,
@@ -194,14 +194,14 @@ def weights(folder):
 
 
 def test_kill_and_resume_gives_identical_weights(store, tmp_path):
-    steps = ["--tokens", "300000"]  # 3000 steps
+    steps = ["--tokens", "100000"]  # 1000 steps
     assert train_cli(store, tmp_path / "whole", *steps).wait() == 0
     run = train_cli(store, tmp_path / "killed", *steps)
     checkpoint = tmp_path / "killed" / "checkpoint.pt"
     deadline = time.time() + 120
     while not checkpoint.exists() and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)
+    time.sleep(0.2)
     run.send_signal(signal.SIGKILL)
     assert run.wait() == -signal.SIGKILL  # it really was killed mid-run
     assert not (tmp_path / "killed" / "cfg.json").exists()
@@ -214,11 +214,19 @@ def test_kill_and_resume_gives_identical_weights(store, tmp_path):
     assert steps_logged == sorted(set(steps_logged))  # no step logged twice
 
 
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def test_two_processes_match_one(store, tmp_path):
     steps = ["--tokens", "6000"]
     assert train_cli(store, tmp_path / "one", *steps).wait() == 0
     torchrun = (os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc-per-node",
-                "2", "--master-port", "29533", "-m", "saelab")
+                "2", "--master-port", free_port(), "-m", "saelab")
     two = train_cli(store, tmp_path / "two", *steps, runner=torchrun)
     assert two.wait() == 0, two.stderr.read()
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")

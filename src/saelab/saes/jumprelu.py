@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from saelab.saes.base import SAE, LossOutput, fvu, register
 
-BANDWIDTH = 0.5  # epsilon, on inputs normalised to mean squared norm d_model
+BANDWIDTH = 0.1  # epsilon, on inputs normalised to mean squared norm d_model
 
 
 def _rectangle(u: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from saelab.errors import SaelabError
 
 Architecture = Literal["relu", "topk", "batchtopk", "jumprelu"]
 # Sparsity coefficients that give a usable L0 on inputs normalised to mean squared norm d_model.
-DEFAULT_SPARSITY = {"relu": 5.0, "jumprelu": 1e-3, "topk": 0.0, "batchtopk": 0.0}
+DEFAULT_SPARSITY = {"relu": 5.0, "jumprelu": 1.0, "topk": 0.0, "batchtopk": 0.0}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,7 +20,8 @@ class TrainConfig:
     n_latents: int = 4096
     """Dictionary size."""
     k: int | None = 32
-    """Active latents per token (topk; batchtopk's average). Ignored by relu and jumprelu."""
+    """Active latents per token: topk's k, batchtopk's average, jumprelu's starting L0 (its
+    thresholds start where each latent fires on k / n_latents of the data). Unused by relu."""
     tokens: int = 1_000_000
     """Training tokens (activation rows) in all; the store is re-read when it is shorter."""
     batch_size: int = 4096

@@ -80,6 +80,8 @@ def _fresh(config: TrainConfig, data: TrainingData) -> _State:
     sae.init_random(config.seed)
     with torch.no_grad():
         sae.b_dec.copy_(_initial_b_dec(config, data) * data.norm_scale)
+        if config.architecture == "jumprelu" and config.k is not None:
+            _initial_thresholds(sae, config, data)
     optimizer = torch.optim.Adam(sae.parameters(), lr=config.learning_rate())
     return _State(sae.train(), optimizer, 0,
                   torch.zeros(config.n_latents, dtype=torch.long, device=config.device))
@@ -97,6 +99,17 @@ def _initial_b_dec(config: TrainConfig, data: TrainingData) -> Tensor:
         w = 1 / (x - median).norm(dim=1).clamp(min=1e-8)
         median = (w[:, None] * x).sum(dim=0) / w.sum()
     return median.float()
+
+
+def _initial_thresholds(sae: SAE, config: TrainConfig, data: TrainingData) -> None:
+    """Start each JumpReLU threshold where its latent fires on a fraction k / n_latents of a
+    data sample: the L0 starts near its target instead of at n_latents / 2, and the
+    straight-through gradients only have to fine-tune the thresholds."""
+    rng = np.random.default_rng(config.seed)
+    x = data.rows(np.sort(rng.choice(data.n, min(data.n, 4096), replace=False)))
+    pre_BL = sae.pre_acts(x.to(config.device) * data.norm_scale)
+    q = 1 - config.k / config.n_latents
+    sae.threshold.copy_(pre_BL.float().quantile(q, dim=0).clamp(min=1e-3).to(pre_BL.dtype))
 
 
 def _loop(state: _State, config: TrainConfig, data: TrainingData, world: World,
