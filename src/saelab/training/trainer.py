@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,8 @@ def train(config: TrainConfig, source: ActivationStore | Tensor, out: str | Path
         done = _prepare_folder(folder, config, world)
         if done is not None:
             return done
+    if world.size > 1 and config.device == "cuda":  # one GPU per rank
+        config = replace(config, device=f"cuda:{os.environ.get('LOCAL_RANK', world.rank)}")
     state = _resume(folder, config, data) or _fresh(config, data)
     _loop(state, config, data, world, folder)
     sae = state.sae.eval()
