@@ -86,6 +86,35 @@ def test_topk_losses_are_mse_plus_auxk(cls):
         assert sae.threshold.item() == pytest.approx(flat[keep].min())
 
 
+@pytest.mark.parametrize("subtract_b_dec", [True, False])
+def test_topk_sparse_backward_equals_dense_autograd(subtract_b_dec):
+    """TopK trains with hand-written sparse gradients; a dense float64 autograd graph of the
+    same loss (top-k by scatter, AuxK by masking) is the reference."""
+    sae = random_sae(TopKSAE, k=5)
+    sae.apply_b_dec_to_input = subtract_b_dec
+    x, dead = data(), torch.zeros(L, dtype=torch.bool)
+    dead[1::4] = True
+    out = sae.train().loss(x, dead_L=dead)
+    out.loss.backward()
+    sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+
+    pre = (x - sae.b_dec if subtract_b_dec else x) @ sae.W_enc + sae.b_enc
+    top, idx = pre.topk(5, dim=1)
+    z = torch.zeros_like(pre).scatter(1, idx, torch.relu(top))
+    x_hat = z @ sae.W_dec + sae.b_dec
+    a_top, a_idx = pre.masked_fill(~dead, -torch.inf).topk(8, dim=1)
+    z_aux = torch.zeros_like(pre).scatter(1, a_idx, torch.relu(a_top))
+    e = (x - x_hat).detach()
+    dense = (x - x_hat).pow(2).sum(1).mean() + (e - z_aux @ sae.W_dec).pow(2).sum(1).mean() / 32
+    dense.backward()
+    assert out.loss.item() == pytest.approx(dense.item(), rel=1e-12)
+    for name, p in sae.named_parameters():
+        assert_close(sparse[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert out.l0.item() == pytest.approx((z > 0).sum(1).double().mean().item())
+    assert torch.equal(out.fired, (z > 0).any(0))
+
+
 def test_jumprelu_loss_and_its_straight_through_threshold_gradient():
     sae, x = random_sae(JumpReluSAE), data()
     with torch.no_grad():

@@ -21,9 +21,18 @@ class LossOutput:
     """One training step's loss and what went into it."""
 
     loss: Tensor  # scalar to minimise
-    codes: Tensor  # [batch, n_latents]: the latent activations that made x_hat
     x_hat: Tensor  # [batch, d_model]
+    fired: Tensor  # [n_latents] bool: which latents were active on some token of the batch
+    l0: Tensor  # scalar: mean number of active latents per token
     terms: dict[str, Tensor] = field(default_factory=dict)  # named parts, for metrics
+
+    @classmethod
+    def from_codes(cls, loss: Tensor, codes_BL: Tensor, x_hat: Tensor,
+                   terms: dict[str, Tensor]) -> LossOutput:
+        """From dense codes [batch, n_latents] (the architectures that make them anyway)."""
+        active_BL = codes_BL > 0
+        return cls(loss, x_hat, active_BL.any(dim=0), active_BL.sum(dim=1).float().mean(),
+                   terms)
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> Tensor:

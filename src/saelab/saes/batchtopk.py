@@ -53,9 +53,9 @@ class BatchTopKSAE(SAE):
                                                      low))
         x_hat_BD = self.decode(codes_BL)
         mse = (x - x_hat_BD).pow(2).sum(dim=1).mean()
-        aux = auxk_loss(self, pre_BL, x - x_hat_BD, dead_L)
-        return LossOutput(mse + AUXK_WEIGHT * aux, codes_BL, x_hat_BD,
-                          {"mse": mse, "auxk": aux, "fvu": fvu(x, x_hat_BD)})
+        aux = auxk_loss(self, x, x - x_hat_BD, dead_L)
+        return LossOutput.from_codes(mse + AUXK_WEIGHT * aux, codes_BL, x_hat_BD,
+                                     {"mse": mse, "auxk": aux, "fvu": fvu(x, x_hat_BD)})
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

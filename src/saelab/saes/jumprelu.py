@@ -67,8 +67,8 @@ class JumpReluSAE(SAE):
         x_hat_BD = self.decode(codes_BL)
         mse = (x - x_hat_BD).pow(2).sum(dim=1).mean()
         l0 = _Step.apply(pre_BL, self.threshold).sum(dim=1).mean()
-        return LossOutput(mse + sparsity_coef * l0, codes_BL, x_hat_BD,
-                          {"mse": mse, "l0": l0, "fvu": fvu(x, x_hat_BD)})
+        return LossOutput.from_codes(mse + sparsity_coef * l0, codes_BL, x_hat_BD,
+                                     {"mse": mse, "l0": l0, "fvu": fvu(x, x_hat_BD)})
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

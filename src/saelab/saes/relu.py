@@ -23,5 +23,5 @@ class ReluSAE(SAE):
         x_hat_BD = self.decode(codes_BL)
         mse = (x - x_hat_BD).pow(2).sum(dim=1).mean()
         l1 = (codes_BL * self.W_dec.norm(dim=1)).sum(dim=1).mean()
-        return LossOutput(mse + sparsity_coef * l1, codes_BL, x_hat_BD,
-                          {"mse": mse, "l1": l1, "fvu": fvu(x, x_hat_BD)})
+        return LossOutput.from_codes(mse + sparsity_coef * l1, codes_BL, x_hat_BD,
+                                     {"mse": mse, "l1": l1, "fvu": fvu(x, x_hat_BD)})

@@ -13,19 +13,22 @@ import torch
 from torch import Tensor
 
 from saelab.saes.base import SAE, LossOutput, fvu, register
+from saelab.saes.sparse_topk import sparse_decode, topk_encode
 
 AUXK_WEIGHT = 1 / 32
 
 
-def auxk_loss(sae: SAE, pre_BL: Tensor, residual_BD: Tensor, dead_L: Tensor | None) -> Tensor:
+def auxk_loss(sae: SAE, x_BD: Tensor, residual_BD: Tensor, dead_L: Tensor | None) -> Tensor:
     """Squared error of the residual (detached) rebuilt from the dead latents' top
-    pre-activations, mean over the batch; 0 when no latent is dead."""
+    pre-activations, mean over the batch; 0 when no latent is dead. Only the dead latents'
+    pre-activations are computed (a GEMM n_dead / n_latents the size of the encoder's)."""
     if dead_L is None or not dead_L.any():
-        return pre_BL.new_zeros(())
-    k_aux = min(sae.d_model // 2, int(dead_L.sum()))
-    dead_pre_BL = torch.where(dead_L, pre_BL, -torch.inf)
-    top_BK, idx_BK = dead_pre_BL.topk(k_aux, dim=1, sorted=False)
-    e_hat_BD = torch.einsum("bk,bkd->bd", torch.relu(top_BK), sae.W_dec[idx_BK])
+        return x_BD.new_zeros(())
+    dead = dead_L.nonzero().squeeze(1)
+    acts_BK, idx_BK = topk_encode(x_BD, sae.b_dec, sae.W_enc, sae.b_enc,
+                                  min(sae.d_model // 2, len(dead)), columns=dead,
+                                  subtract_b_dec=sae.apply_b_dec_to_input)
+    e_hat_BD = sparse_decode(idx_BK, acts_BK, sae.W_dec)
     return (residual_BD.detach() - e_hat_BD).pow(2).sum(dim=1).mean()
 
 
@@ -48,10 +51,15 @@ class TopKSAE(SAE):
 
     def loss(self, x: Tensor, *, sparsity_coef: float = 0.0, dead_L: Tensor | None = None
              ) -> LossOutput:
-        pre_BL = self.pre_acts(x)
-        codes_BL = self.activation(pre_BL)
-        x_hat_BD = self.decode(codes_BL)
+        """Sparse throughout (see `sparse_topk`): no dense [batch, n_latents] codes."""
+        acts_BK, idx_BK = topk_encode(x, self.b_dec, self.W_enc, self.b_enc, self.k,
+                                      subtract_b_dec=self.apply_b_dec_to_input)
+        x_hat_BD = sparse_decode(idx_BK, acts_BK, self.W_dec) + self.b_dec
         mse = (x - x_hat_BD).pow(2).sum(dim=1).mean()
-        aux = auxk_loss(self, pre_BL, x - x_hat_BD, dead_L)
-        return LossOutput(mse + AUXK_WEIGHT * aux, codes_BL, x_hat_BD,
+        aux = auxk_loss(self, x, x - x_hat_BD, dead_L)
+        active_BK = acts_BK > 0
+        fired_L = torch.zeros(self.n_latents, dtype=torch.bool, device=x.device)
+        fired_L[idx_BK[active_BK]] = True
+        return LossOutput(mse + AUXK_WEIGHT * aux, x_hat_BD, fired_L,
+                          active_BK.sum(dim=1).float().mean(),
                           {"mse": mse, "auxk": aux, "fvu": fvu(x, x_hat_BD)})

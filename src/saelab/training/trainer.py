@@ -85,7 +85,7 @@ def _fresh(config: TrainConfig, data: TrainingData) -> _State:
         sae.b_dec.copy_(_initial_b_dec(config, data) * data.norm_scale)
         if config.architecture == "jumprelu" and config.k is not None:
             _initial_thresholds(sae, config, data)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=config.learning_rate())
+    optimizer = torch.optim.Adam(sae.parameters(), lr=config.learning_rate(), fused=True)
     return _State(sae.train(), optimizer, 0,
                   torch.zeros(config.n_latents, dtype=torch.long, device=config.device))
 
@@ -166,9 +166,12 @@ def _step(state: _State, config: TrainConfig, x: Tensor, variance: float,
     out = sae.loss(x, sparsity_coef=config.sparsity() * ramp, dead_L=dead_L)
     for group in state.optimizer.param_groups:
         group["lr"] = _lr(config, step)
-    state.optimizer.zero_grad(set_to_none=False)
+    state.optimizer.zero_grad(set_to_none=True)  # backward's tensors become the grads
     (out.loss / variance).backward()
-    world.all_reduce_mean_([p.grad for p in sae.parameters()])
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in sae.parameters()]
+    for p, g in zip(sae.parameters(), grads, strict=True):
+        p.grad = g
+    world.all_reduce_mean_(grads)
     unit_norm = config.architecture != "relu"  # relu's L1 is weighted by the decoder norms
     if unit_norm:
         with torch.no_grad():  # no gradient along each decoder row (it would change its norm)
@@ -180,12 +183,12 @@ def _step(state: _State, config: TrainConfig, x: Tensor, variance: float,
             sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
         if config.architecture == "jumprelu":
             sae.threshold.clamp_(min=1e-6)
-        fired_L = (out.codes > 0).any(dim=0).to(torch.float32)
+        fired_L = out.fired.to(torch.float32)
         world.all_reduce_mean_([fired_L])
         state.since_fired_L = torch.where(fired_L > 0, 0, state.since_fired_L + config.batch_size)
     return {"step": step + 1, "tokens": (step + 1) * config.batch_size,
             "loss": float(out.loss.detach()), **{k: float(v.detach()) for k, v in out.terms.items()},
-            "l0": float((out.codes > 0).sum(dim=1).float().mean()),
+            "l0": float(out.l0),
             "dead_fraction": float(dead_L.float().mean()), "lr": _lr(config, step)}
 
 

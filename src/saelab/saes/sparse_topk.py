@@ -1,0 +1,117 @@
+"""TopK encoding and decoding with hand-written sparse backward passes, for training.
+
+Autograd through `topk` + `scatter` + a dense decode costs six [batch, n_latents]-sized
+GEMMs a step and dense [batch, n_latents] codes and gradients; only k of the n_latents
+columns of each row are ever non-zero. Here the forward does one dense GEMM (the encoder's
+pre-activations) and everything else, forward and backward, touches only the selected
+latents: the decoder is an `embedding_bag`, and dW_dec, dW_enc are one sparse-dense product
+each (MKL CSR on CPU). The gradients are the ones autograd would give (tests check this).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import FunctionCtx
+
+
+def _by_latent(idx_BK: Tensor, n_latents: int) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR layout of the [n_latents, batch] matrix with an entry at (idx[b, j], b): row
+    pointers, the token of each entry, and the permutation taking [B, k] values to entries."""
+    flat = idx_BK.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    crow = torch.zeros(n_latents + 1, dtype=torch.int64, device=idx_BK.device)
+    torch.cumsum(torch.bincount(flat, minlength=n_latents), 0, out=crow[1:])
+    return crow, order // idx_BK.shape[1], order
+
+
+def latent_t_mm(idx_BK: Tensor, values_BK: Tensor, dense_BD: Tensor, n_latents: int) -> Tensor:
+    """S^T @ dense as [n_latents, D], S the [B, n_latents] matrix holding `values_BK` at
+    `idx_BK`: for each latent, the rows of `dense` of the tokens it fired on, weighted.
+    That is dW_dec (values: activations) and dW_enc^T (values: dL/dpre) without a dense
+    [B, n_latents] operand or a [B, k, D] gather."""
+    crow, col, order = _by_latent(idx_BK, n_latents)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        S = torch.sparse_csr_tensor(crow, col, values_BK.reshape(-1)[order],
+                                    size=(n_latents, dense_BD.shape[0]))
+    out = dense_BD.new_empty(n_latents, dense_BD.shape[1])
+    return torch.addmm(out, S, dense_BD, beta=0.0, out=out)  # MKL sparse mm; `S @ d` is slower
+
+
+class TopKEncode(torch.autograd.Function):
+    """(relu(top-k pre-activations), their latents) of x - b_dec (or x), pre = xc W_enc + b_enc,
+    over all latents or over `columns` only (AuxK's dead latents).
+
+    Backward: dpre is non-zero at the k selected, positive entries only; dW_enc^T and db_enc
+    are sums over those; db_dec = -W_enc @ db_enc (x - b_dec feeds every pre-activation), so
+    dL/dx is never formed (x is data and needs no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x_BD: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor,
+                k: int, columns: Tensor | None, subtract_b_dec: bool) -> tuple[Tensor, Tensor]:
+        xc_BD = x_BD - b_dec if subtract_b_dec else x_BD
+        if columns is None:
+            pre_BL = torch.addmm(b_enc, xc_BD, W_enc)
+        else:
+            pre_BL = torch.addmm(b_enc[columns], xc_BD, W_enc[:, columns])
+        top_BK, j_BK = pre_BL.topk(k, dim=1, sorted=False)
+        idx_BK = j_BK if columns is None else columns[j_BK]
+        acts_BK = top_BK.clamp_(min=0)
+        ctx.save_for_backward(xc_BD, W_enc, idx_BK, acts_BK)
+        ctx.subtract_b_dec = subtract_b_dec
+        ctx.mark_non_differentiable(idx_BK)
+        return acts_BK, idx_BK
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, g_acts_BK: Tensor, _: Tensor | None
+                 ) -> tuple[Tensor | None, ...]:
+        xc_BD, W_enc, idx_BK, acts_BK = ctx.saved_tensors
+        n_latents = W_enc.shape[1]
+        if ctx.needs_input_grad[0]:
+            raise NotImplementedError("TopKEncode gives no gradient for the activations")
+        g_pre_BK = g_acts_BK * (acts_BK > 0)
+        g_W_enc = latent_t_mm(idx_BK, g_pre_BK, xc_BD, n_latents).T
+        g_b_enc = g_pre_BK.new_zeros(n_latents).index_add_(0, idx_BK.reshape(-1),
+                                                           g_pre_BK.reshape(-1))
+        g_b_dec = -(W_enc @ g_b_enc) if ctx.subtract_b_dec else None
+        return None, g_b_dec, g_W_enc, g_b_enc, None, None, None
+
+
+class SparseDecode(torch.autograd.Function):
+    """sum_j acts[b, j] W_dec[idx[b, j]] (no bias): an `embedding_bag`, not a dense GEMM."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, idx_BK: Tensor, acts_BK: Tensor, W_dec: Tensor) -> Tensor:
+        ctx.save_for_backward(idx_BK, acts_BK, W_dec)
+        return F.embedding_bag(idx_BK, W_dec, per_sample_weights=acts_BK, mode="sum")
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, g_out_BD: Tensor) -> tuple[Tensor | None, ...]:
+        idx_BK, acts_BK, W_dec = ctx.saved_tensors
+        g_acts = g_W_dec = None
+        if ctx.needs_input_grad[1]:  # <g_out[b], W_dec[idx[b, j]]>, by embedding_bag's own
+            with torch.enable_grad():  # per-sample-weight backward (no [B, k, D] gather)
+                acts = acts_BK.detach().requires_grad_()
+                out = F.embedding_bag(idx_BK, W_dec.detach(), per_sample_weights=acts,
+                                      mode="sum")
+                g_acts = torch.autograd.grad(out, acts, g_out_BD)[0]
+        if ctx.needs_input_grad[2]:
+            g_W_dec = latent_t_mm(idx_BK, acts_BK, g_out_BD, W_dec.shape[0])
+        return None, g_acts, g_W_dec
+
+
+def topk_encode(x_BD: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *,
+                columns: Tensor | None = None, subtract_b_dec: bool = True
+                ) -> tuple[Tensor, Tensor]:
+    """Sparse code (activations [B, k], latents [B, k]) with a sparse backward."""
+    return TopKEncode.apply(x_BD, b_dec, W_enc, b_enc, k, columns, subtract_b_dec)
+
+
+def sparse_decode(idx_BK: Tensor, acts_BK: Tensor, W_dec: Tensor) -> Tensor:
+    """The decoder's output without b_dec, [B, D], with a sparse backward."""
+    return SparseDecode.apply(idx_BK, acts_BK, W_dec)
