@@ -133,6 +133,25 @@ def test_jsonl_missing_column_names_line_and_found_columns(tmp_path):
         "  fix:      pass --text-column with one of those")
 
 
+def test_jsonl_missing_column_on_the_first_line_is_refused_on_the_call(tmp_path):
+    _write_jsonl(tmp_path / "b.jsonl", [{"body": "x"}])
+    _write_jsonl(tmp_path / "a.jsonl", [{"text": "fine"}])
+    with pytest.raises(SaelabError, match=r"b\.jsonl:1 has no column 'text'"):
+        iter_documents(str(tmp_path))  # every file of a folder is checked, not only the first
+
+
+def test_jsonl_null_and_empty_texts_are_skipped(tmp_path):
+    rows = [{"text": "one"}, {"text": None}, {"text": ""}, {"text": "two"}, {"text": 3}]
+    path = _write_jsonl(tmp_path / "a.jsonl", rows)
+    assert list(iter_documents(str(path))) == ["one", "two", "3"]
+
+
+def test_empty_txt_file_gives_no_document(tmp_path):
+    (tmp_path / "a.txt").write_text("", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("b", encoding="utf-8")
+    assert list(iter_documents(str(tmp_path))) == ["b"]
+
+
 def test_parquet_custom_column_empty_strings_skipped(tmp_path):
     path = tmp_path / "a.parquet"
     content = ["alpha", "", "beta", None, "gamma"]
@@ -144,7 +163,7 @@ def test_parquet_missing_column_names_found_columns(tmp_path):
     path = tmp_path / "a.parquet"
     pq.write_table(pa.table({"content": ["a"], "n": [1]}), path)
     with pytest.raises(SaelabError) as err:
-        list(iter_documents(str(path)))
+        iter_documents(str(path))  # on the call, from the schema
     assert str(err.value) == (
         f"{path} has no column 'text'\n"
         "  expected: text\n"
@@ -180,7 +199,7 @@ def test_unsupported_suffix_is_refused(tmp_path):
     path = tmp_path / "data.csv"
     path.write_text("text\nhello\n")
     with pytest.raises(SaelabError) as err:
-        list(iter_documents(str(path)))
+        iter_documents(str(path))  # on the call, before any document is read
     assert str(err.value) == (
         f"cannot read corpus file {path}\n"
         "  expected: .txt, .jsonl, .parquet\n"
@@ -228,7 +247,7 @@ def hf_offline(monkeypatch, tmp_path):
 
 def test_hf_dataset_offline_names_the_dataset(hf_offline):
     with pytest.raises(SaelabError) as err:
-        list(iter_documents("hf:saelab-tests/no-such-dataset:wiki@validation"))
+        iter_documents("hf:saelab-tests/no-such-dataset:wiki@validation")  # on the call
     e = err.value
     assert e.problem == "could not open the Hugging Face dataset 'saelab-tests/no-such-dataset'"
     assert e.expected == ("dataset saelab-tests/no-such-dataset (config wiki, split validation) "
@@ -246,12 +265,60 @@ def test_hf_spec_reads_a_local_dataset_folder(tmp_path, hf_offline):
     assert list(iter_documents(f"hf:{folder}", text_column="body")) == expected
     assert list(iter_documents(f"hf:{folder}@train", text_column="body")) == expected
     with pytest.raises(SaelabError) as err:
-        list(iter_documents(f"hf:{folder}"))
+        iter_documents(f"hf:{folder}")  # on the call: row 0 is read then
     assert str(err.value) == (
         f"{folder} row 0 has no column 'text'\n"
         "  expected: text\n"
         "  found:    body, id\n"
         "  fix:      pass --text-column with one of those")
+
+
+def test_hf_rows_with_null_or_empty_text_are_skipped(tmp_path, hf_offline):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    _write_jsonl(folder / "train.jsonl", [{"text": t} for t in ["a", None, "", "b", None]])
+    assert list(iter_documents(f"hf:{folder}")) == ["a", "b"]
+
+
+@pytest.mark.parametrize(("spec", "name", "config", "split"), [
+    ("hf:wikitext", "wikitext", "default", "train"),
+    ("hf:wikitext:wikitext-2-raw-v1@validation", "wikitext", "wikitext-2-raw-v1", "validation"),
+    ("hf:org/name@test", "org/name", "default", "test"),
+    ("hf:wikimedia/wikipedia:20231101.en", "wikimedia/wikipedia", "20231101.en", "train"),
+    ("hf:/no/such/v@2/ds", "/no/such/v@2/ds", "default", "train"),
+    ("hf:/no/such/v@2/ds@test", "/no/such/v@2/ds", "default", "test"),
+    ("hf:/no/such/a:b/ds:cfg@test", "/no/such/a:b/ds", "cfg", "test"),
+    ("hf:hf://datasets/org/name", "hf://datasets/org/name", "default", "train"),
+])
+def test_hf_spec_splits_at_the_last_colon_and_at(spec, name, config, split, hf_offline):
+    with pytest.raises(SaelabError) as err:
+        list(iter_documents(spec))
+    assert err.value.problem == f"could not open the Hugging Face dataset {name!r}"
+    assert err.value.expected == (f"dataset {name} (config {config}, split {split}) "
+                                  "on the hub or in the local datasets cache")
+
+
+def test_hf_spec_takes_an_existing_local_path_whole(tmp_path, hf_offline):
+    folder = tmp_path / "ds:v1@2024"
+    folder.mkdir()
+    _write_jsonl(folder / "train.jsonl", [{"text": "first"}, {"text": "second"}])
+    assert list(iter_documents(f"hf:{folder}")) == ["first", "second"]
+    assert list(iter_documents(f"hf:{folder}@train")) == ["first", "second"]
+
+
+@pytest.mark.parametrize(("spec", "found"), [
+    ("hf:", "an empty NAME"),
+    ("hf:@train", "an empty NAME"),
+    ("hf:wikitext@", "an empty SPLIT"),
+    ("hf:wikitext:@train", "an empty CONFIG"),
+    ("hf::", "an empty NAME and CONFIG"),
+])
+def test_bad_hf_spec_is_refused_on_the_call(spec, found):
+    with pytest.raises(SaelabError) as err:
+        iter_documents(spec)
+    assert err.value.problem == f"bad Hugging Face dataset spec {spec!r}"
+    assert err.value.found == found
+    assert err.value.expected.startswith("hf:NAME[:CONFIG][@SPLIT]")
 
 
 def test_hf_spec_reads_local_parquet_like_the_local_reader(tmp_path, hf_offline):
@@ -330,6 +397,6 @@ def test_token_windows_short_corpus_gives_nothing(tiny_tokenizer):
 
 @pytest.mark.parametrize("context_size", [1, 0, -3])
 def test_token_windows_need_room_for_bos_and_a_token(tiny_tokenizer, context_size):
-    with pytest.raises(ValueError, match=f"context_size must be at least 2 .*got {context_size}"):
-        list(token_windows(["some text"], tiny_tokenizer, context_size,
-                           tiny_tokenizer.bos_token_id))
+    with pytest.raises(SaelabError) as err:  # on the call, before any window
+        token_windows(["some text"], tiny_tokenizer, context_size, tiny_tokenizer.bos_token_id)
+    assert err.value.found == str(context_size) and err.value.expected == ">= 2"

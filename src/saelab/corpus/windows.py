@@ -13,14 +13,25 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from saelab.errors import SaelabError
+
 _DOCS_PER_CALL = 64  # documents tokenised per batched tokenizer call
 
 
 def token_windows(documents: Iterable[str], tokenizer: PreTrainedTokenizerBase, context_size: int,
                   bos_token_id: int) -> Iterator[np.ndarray]:
-    """Windows [context_size] int64 of the concatenated documents, BOS first, tail dropped."""
+    """Windows [context_size] int64 of the concatenated documents, BOS first, tail dropped.
+
+    A bad `context_size` raises here, not at the first window."""
     if context_size < 2:
-        raise ValueError(f"context_size must be at least 2 (BOS plus a token), got {context_size}")
+        raise SaelabError("context_size must hold BOS and at least one token",
+                          expected=">= 2", found=str(context_size),
+                          fix="pass --context-size 2 or more")
+    return _windows(documents, tokenizer, context_size, bos_token_id)
+
+
+def _windows(documents: Iterable[str], tokenizer: PreTrainedTokenizerBase, context_size: int,
+             bos_token_id: int) -> Iterator[np.ndarray]:
     body = context_size - 1
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     buffer: list[int] = []
