@@ -112,17 +112,18 @@ def test_missing_paths_are_user_errors(tmp_path, monkeypatch):
                               "  fix:      check the path")
 
 
-def test_hub_id_offline_says_how_to_get_a_local_folder(monkeypatch):
+@pytest.mark.parametrize("value", ["1", "ON", "yes", "True"])
+def test_hub_id_offline_says_how_to_get_a_local_folder(monkeypatch, value):
     import huggingface_hub.constants
 
     # huggingface_hub reads HF_HUB_OFFLINE at import, so its flag is set along with the variable
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     repo = "saelab-tests/no-such-model"
     with pytest.raises(SaelabError) as err:
         saelab.load_model(repo)
     e = err.value
-    assert e.problem == f"could not load {repo!r} from the Hugging Face hub (HF_HUB_OFFLINE=1)"
+    assert e.problem == f"could not load {repo!r} from the Hugging Face hub (HF_HUB_OFFLINE is on)"
     assert e.expected == f"the model {repo} on the hub or in the local hub cache"
     assert f"`hf download {repo} --local-dir DIR`" in e.fix
     assert "--model DIR" in e.fix and "--model gemma-3-270m" in e.fix
@@ -137,9 +138,10 @@ def test_cli_missing_model_exits_2_without_traceback(tmp_path):
 
 
 def test_cli_hub_id_offline_exits_2_without_traceback():
-    out = _run_saelab("sites", "saelab-tests/no-such-model", HF_HUB_OFFLINE="1")
+    out = _run_saelab("sites", "saelab-tests/no-such-model", HF_HUB_OFFLINE="yes")
     assert out.returncode == 2, out.stderr
-    assert "saelab sites: error: could not load 'saelab-tests/no-such-model'" in out.stderr
+    assert ("saelab sites: error: could not load 'saelab-tests/no-such-model' from the Hugging "
+            "Face hub (HF_HUB_OFFLINE is on)") in out.stderr
     assert "hf download saelab-tests/no-such-model" in out.stderr
     assert "Traceback" not in out.stderr
 

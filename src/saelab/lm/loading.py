@@ -110,10 +110,13 @@ def _from_hub(repo_id: str, device: str | torch.device, dtype: torch.dtype) -> L
         model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype).to(device)
         tokenizer = AutoTokenizer.from_pretrained(repo_id)
     except OSError as err:  # offline, unknown repo, gated repo: all surface as OSError
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        from huggingface_hub import constants
+
+        # huggingface_hub's own reading of HF_HUB_OFFLINE (1/on/yes/true, any case)
+        offline = constants.HF_HUB_OFFLINE
         raise SaelabError(
             f"could not load {repo_id!r} from the Hugging Face hub"
-            + (" (HF_HUB_OFFLINE=1)" if offline else ""),
+            + (" (HF_HUB_OFFLINE is on)" if offline else ""),
             expected=f"the model {repo_id} on the hub or in the local hub cache",
             found=str(err).splitlines()[0],
             fix=f"on a machine with network run `hf download {repo_id} --local-dir DIR`, copy DIR "
