@@ -28,12 +28,14 @@ def _by_latent(idx_BK: Tensor, n_latents: int) -> tuple[Tensor, Tensor, Tensor]:
     return crow, order // idx_BK.shape[1], order
 
 
-def latent_t_mm(idx_BK: Tensor, values_BK: Tensor, dense_BD: Tensor, n_latents: int) -> Tensor:
-    """S^T @ dense as [n_latents, D], S the [B, n_latents] matrix holding `values_BK` at
-    `idx_BK`: for each latent, the rows of `dense` of the tokens it fired on, weighted.
-    That is dW_dec (values: activations) and dW_enc^T (values: dL/dpre) without a dense
-    [B, n_latents] operand or a [B, k, D] gather."""
-    crow, col, order = _by_latent(idx_BK, n_latents)
+def _latent_t_mm(layout: tuple[Tensor, Tensor, Tensor], values_BK: Tensor, dense_BD: Tensor
+                 ) -> Tensor:
+    """S^T @ dense as [n_latents, D], S the [B, n_latents] matrix holding `values_BK` at the
+    layout's positions: for each latent, the rows of `dense` of the tokens it fired on,
+    weighted. That is dW_dec (values: activations) and dW_enc^T (values: dL/dpre) without a
+    dense [B, n_latents] operand or a [B, k, D] gather."""
+    crow, col, order = layout
+    n_latents = len(crow) - 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         S = torch.sparse_csr_tensor(crow, col, values_BK.reshape(-1)[order],
@@ -42,76 +44,63 @@ def latent_t_mm(idx_BK: Tensor, values_BK: Tensor, dense_BD: Tensor, n_latents: 
     return torch.addmm(out, S, dense_BD, beta=0.0, out=out)  # MKL sparse mm; `S @ d` is slower
 
 
-class TopKEncode(torch.autograd.Function):
-    """(relu(top-k pre-activations), their latents) of x - b_dec (or x), pre = xc W_enc + b_enc,
-    over all latents or over `columns` only (AuxK's dead latents).
+class TopKAutoencode(torch.autograd.Function):
+    """relu(top-k of pre = xc W_enc + b_enc), xc = x - b_dec (or x), over all latents or over
+    `columns` only (AuxK's dead latents); returns (sum_j act_j W_dec[idx_j] without b_dec,
+    activations [B, k], latents [B, k]).
 
-    Backward: dpre is non-zero at the k selected, positive entries only; dW_enc^T and db_enc
-    are sums over those; db_dec = -W_enc @ db_enc (x - b_dec feeds every pre-activation), so
-    dL/dx is never formed (x is data and needs no gradient).
+    Backward: dL/dact gets the decoder's share by embedding_bag's own per-sample-weight
+    backward (no [B, k, D] gather); dpre is non-zero at the selected, positive entries only;
+    dW_dec, dW_enc^T are one sparse-dense product each, db_enc an index_add; and
+    db_dec = -W_enc @ db_enc (x - b_dec feeds every pre-activation), so dL/dx, which data
+    does not need, is never formed.
     """
 
     @staticmethod
     def forward(ctx: FunctionCtx, x_BD: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor,
-                k: int, columns: Tensor | None, subtract_b_dec: bool) -> tuple[Tensor, Tensor]:
+                W_dec: Tensor, k: int, columns: Tensor | None, subtract_b_dec: bool
+                ) -> tuple[Tensor, Tensor, Tensor]:
         xc_BD = x_BD - b_dec if subtract_b_dec else x_BD
         if columns is None:
             pre_BL = torch.addmm(b_enc, xc_BD, W_enc)
         else:
             pre_BL = torch.addmm(b_enc[columns], xc_BD, W_enc[:, columns])
         top_BK, j_BK = pre_BL.topk(k, dim=1, sorted=False)
+        del pre_BL
         idx_BK = j_BK if columns is None else columns[j_BK]
         acts_BK = top_BK.clamp_(min=0)
+        with torch.enable_grad():  # a graph for dL/dacts only
+            acts = acts_BK.detach().requires_grad_()
+            out_BD = F.embedding_bag(idx_BK, W_dec.detach(), per_sample_weights=acts,
+                                     mode="sum")
+        ctx.graph = (out_BD, acts)
         ctx.save_for_backward(xc_BD, W_enc, idx_BK, acts_BK)
-        ctx.subtract_b_dec = subtract_b_dec
+        ctx.subtract_b_dec, ctx.n_latents = subtract_b_dec, W_dec.shape[0]
         ctx.mark_non_differentiable(idx_BK)
-        return acts_BK, idx_BK
+        return out_BD.detach(), acts_BK, idx_BK
 
     @staticmethod
-    def backward(ctx: FunctionCtx, g_acts_BK: Tensor, _: Tensor | None
+    def backward(ctx: FunctionCtx, g_out_BD: Tensor, g_acts_BK: Tensor, _: Tensor | None
                  ) -> tuple[Tensor | None, ...]:
-        xc_BD, W_enc, idx_BK, acts_BK = ctx.saved_tensors
-        n_latents = W_enc.shape[1]
         if ctx.needs_input_grad[0]:
-            raise NotImplementedError("TopKEncode gives no gradient for the activations")
+            raise NotImplementedError("TopKAutoencode gives no gradient for the activations")
+        xc_BD, W_enc, idx_BK, acts_BK = ctx.saved_tensors
+        out_BD, acts = ctx.graph
+        del ctx.graph
+        g_acts_BK = g_acts_BK + torch.autograd.grad(out_BD, acts, g_out_BD)[0]
         g_pre_BK = g_acts_BK * (acts_BK > 0)
-        g_W_enc = latent_t_mm(idx_BK, g_pre_BK, xc_BD, n_latents).T
-        g_b_enc = g_pre_BK.new_zeros(n_latents).index_add_(0, idx_BK.reshape(-1),
-                                                           g_pre_BK.reshape(-1))
+        layout = _by_latent(idx_BK, ctx.n_latents)
+        g_W_dec = _latent_t_mm(layout, acts_BK, g_out_BD)
+        g_W_enc = _latent_t_mm(layout, g_pre_BK, xc_BD).T
+        g_b_enc = g_pre_BK.new_zeros(ctx.n_latents).index_add_(0, idx_BK.reshape(-1),
+                                                               g_pre_BK.reshape(-1))
         g_b_dec = -(W_enc @ g_b_enc) if ctx.subtract_b_dec else None
-        return None, g_b_dec, g_W_enc, g_b_enc, None, None, None
+        return None, g_b_dec, g_W_enc, g_b_enc, g_W_dec, None, None, None
 
 
-class SparseDecode(torch.autograd.Function):
-    """sum_j acts[b, j] W_dec[idx[b, j]] (no bias): an `embedding_bag`, not a dense GEMM."""
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, idx_BK: Tensor, acts_BK: Tensor, W_dec: Tensor) -> Tensor:
-        ctx.save_for_backward(idx_BK, acts_BK, W_dec)
-        return F.embedding_bag(idx_BK, W_dec, per_sample_weights=acts_BK, mode="sum")
-
-    @staticmethod
-    def backward(ctx: FunctionCtx, g_out_BD: Tensor) -> tuple[Tensor | None, ...]:
-        idx_BK, acts_BK, W_dec = ctx.saved_tensors
-        g_acts = g_W_dec = None
-        if ctx.needs_input_grad[1]:  # <g_out[b], W_dec[idx[b, j]]>, by embedding_bag's own
-            with torch.enable_grad():  # per-sample-weight backward (no [B, k, D] gather)
-                acts = acts_BK.detach().requires_grad_()
-                out = F.embedding_bag(idx_BK, W_dec.detach(), per_sample_weights=acts,
-                                      mode="sum")
-                g_acts = torch.autograd.grad(out, acts, g_out_BD)[0]
-        if ctx.needs_input_grad[2]:
-            g_W_dec = latent_t_mm(idx_BK, acts_BK, g_out_BD, W_dec.shape[0])
-        return None, g_acts, g_W_dec
-
-
-def topk_encode(x_BD: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *,
-                columns: Tensor | None = None, subtract_b_dec: bool = True
-                ) -> tuple[Tensor, Tensor]:
-    """Sparse code (activations [B, k], latents [B, k]) with a sparse backward."""
-    return TopKEncode.apply(x_BD, b_dec, W_enc, b_enc, k, columns, subtract_b_dec)
-
-
-def sparse_decode(idx_BK: Tensor, acts_BK: Tensor, W_dec: Tensor) -> Tensor:
-    """The decoder's output without b_dec, [B, D], with a sparse backward."""
-    return SparseDecode.apply(idx_BK, acts_BK, W_dec)
+def topk_autoencode(x_BD: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
+                    k: int, *, columns: Tensor | None = None, subtract_b_dec: bool = True
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """(decoded sum without b_dec [B, D], activations [B, k], latents [B, k]) of a TopK
+    code, with a sparse backward."""
+    return TopKAutoencode.apply(x_BD, b_dec, W_enc, b_enc, W_dec, k, columns, subtract_b_dec)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from saelab.saes.base import SAE, LossOutput, fvu, register
-from saelab.saes.sparse_topk import sparse_decode, topk_encode
+from saelab.saes.sparse_topk import topk_autoencode
 
 AUXK_WEIGHT = 1 / 32
 
@@ -25,10 +25,9 @@ def auxk_loss(sae: SAE, x_BD: Tensor, residual_BD: Tensor, dead_L: Tensor | None
     if dead_L is None or not dead_L.any():
         return x_BD.new_zeros(())
     dead = dead_L.nonzero().squeeze(1)
-    acts_BK, idx_BK = topk_encode(x_BD, sae.b_dec, sae.W_enc, sae.b_enc,
-                                  min(sae.d_model // 2, len(dead)), columns=dead,
-                                  subtract_b_dec=sae.apply_b_dec_to_input)
-    e_hat_BD = sparse_decode(idx_BK, acts_BK, sae.W_dec)
+    e_hat_BD, _, _ = topk_autoencode(x_BD, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec,
+                                     min(sae.d_model // 2, len(dead)), columns=dead,
+                                     subtract_b_dec=sae.apply_b_dec_to_input)
     return (residual_BD.detach() - e_hat_BD).pow(2).sum(dim=1).mean()
 
 
@@ -52,9 +51,10 @@ class TopKSAE(SAE):
     def loss(self, x: Tensor, *, sparsity_coef: float = 0.0, dead_L: Tensor | None = None
              ) -> LossOutput:
         """Sparse throughout (see `sparse_topk`): no dense [batch, n_latents] codes."""
-        acts_BK, idx_BK = topk_encode(x, self.b_dec, self.W_enc, self.b_enc, self.k,
-                                      subtract_b_dec=self.apply_b_dec_to_input)
-        x_hat_BD = sparse_decode(idx_BK, acts_BK, self.W_dec) + self.b_dec
+        dec_BD, acts_BK, idx_BK = topk_autoencode(x, self.b_dec, self.W_enc, self.b_enc,
+                                                  self.W_dec, self.k,
+                                                  subtract_b_dec=self.apply_b_dec_to_input)
+        x_hat_BD = dec_BD + self.b_dec
         mse = (x - x_hat_BD).pow(2).sum(dim=1).mean()
         aux = auxk_loss(self, x, x - x_hat_BD, dead_L)
         active_BK = acts_BK > 0
