@@ -246,6 +246,14 @@ def test_gguf_cache_folder(tiny_gguf):
         assert torch.equal(tensor, original[name]), name  # q/k un-permuted exactly
 
 
+def test_gguf_cache_is_private(tiny_gguf):
+    cache = tiny_gguf.cache
+    for folder in (cache, cache / "models", tiny_gguf.folder):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
+    for path in [cache / "convert.lock", *tiny_gguf.folder.iterdir()]:
+        assert path.stat().st_mode & 0o777 == 0o600, path
+
+
 def test_gguf_second_load_reads_the_cache(tiny_gguf, tiny_tokenizer, monkeypatch, caplog):
     monkeypatch.setenv("SAELAB_CACHE", str(tiny_gguf.cache))
     weights = tiny_gguf.folder / "model.safetensors"
@@ -267,6 +275,46 @@ def test_gguf_converts_again_into_a_new_cache(tiny_gguf, tmp_path, monkeypatch, 
     converted = tmp_path / "models" / tiny_gguf.folder.name / "model.safetensors"
     assert converted.is_file()
     assert lm.fingerprint() == tiny_gguf.sha
+
+
+def _load_in_child(gguf: str, cache: str, ids: list[list[int]], start, results) -> None:
+    """Load `gguf` into `cache` once `start` lets every child go; report logits and whether
+    this process converted it."""
+    os.environ["SAELAB_CACHE"] = cache
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("saelab").addHandler(handler)
+    start.wait()
+    try:
+        lm = saelab.load_model(gguf)
+        converted = any("dequantising" in m for m in messages)
+        results.put((converted, lm.logits(torch.tensor(ids)).tolist()))
+    except Exception as err:  # reported, not left for the parent to wait on
+        results.put((None, repr(err)))
+
+
+def test_two_processes_converting_one_gguf_both_get_the_model(tiny_gguf, tiny_tokenizer, tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(2), ctx.Queue()
+    ids = _ids(tiny_tokenizer)
+    args = (str(tiny_gguf.path), str(tmp_path), ids.tolist(), start, results)
+    procs = [ctx.Process(target=_load_in_child, args=args) for _ in range(2)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=300) for _ in procs]
+    assert [err for converted, err in outcomes if converted is None] == []
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert sorted(converted for converted, _ in outcomes) == [False, True]  # one converted
+    with torch.no_grad():
+        expected = tiny_gguf.model(ids).logits
+    for _, logits in outcomes:
+        torch.testing.assert_close(torch.tensor(logits), expected, rtol=0, atol=1e-5)
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [tiny_gguf.folder.name]
 
 
 # ---------------------------------------------------------------- the real embedded default

@@ -4,10 +4,13 @@ A GGUF file is dequantised once (about a minute for Gemma 3 270M on 2 cores) and
 float safetensors + config + tokenizer under `$SAELAB_CACHE/models/`, so later loads read a
 plain Hugging Face folder in seconds. `save_pretrained` refuses a GGUF-loaded model (it still
 carries its quantizer), so the dequantised weights are written with safetensors directly.
+Conversions hold an flock on `$SAELAB_CACHE/convert.lock`, so processes started together
+convert a model once; the cache is private to its user (folders 0700, files 0600).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -56,7 +59,7 @@ def load_model(spec: str, *, device: str | torch.device = "cpu",
         if not path.is_file():
             raise SaelabError(f"GGUF file {spec} does not exist", expected="a readable .gguf file",
                               found="no such file", fix="check the path")
-        folder, fingerprint = _converted_gguf(path, fingerprint=None)
+        folder, fingerprint = _converted_gguf(path)
         return _from_folder(folder, spec, device, dtype, lambda: fingerprint)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -149,11 +152,14 @@ def _embedded_folder() -> tuple[Path, str]:
         ) from err
     fingerprint = package.EXPECTED_SHA256
     folder = _cached_folder(package.MODEL_NAME, fingerprint)
-    if _is_converted(folder):
-        return folder, fingerprint
-    with tempfile.TemporaryDirectory(dir=_ensure(cache_root())) as tmp:
-        gguf = package.assemble(output_path=Path(tmp) / package.MODEL_NAME)  # checks the sha256
-        return _converted_gguf(gguf, fingerprint)
+
+    def convert(out: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=cache_root()) as tmp:
+            gguf = package.assemble(output_path=Path(tmp) / package.MODEL_NAME)  # checks sha256
+            _write_converted(gguf, fingerprint, out)
+
+    _convert_once(folder, convert)
+    return folder, fingerprint
 
 
 def _cached_folder(gguf_name: str, fingerprint: str) -> Path:
@@ -166,8 +172,39 @@ def _is_converted(folder: Path) -> bool:
 
 
 def _ensure(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
+    """`path` as a folder; created private (0700) when it is new, as are its new parents."""
+    for folder in [*reversed(path.parents), path]:
+        if not folder.exists():
+            folder.mkdir(mode=0o700, exist_ok=True)
     return path
+
+
+def _convert_once(folder: Path, convert: Callable[[Path], None]) -> None:
+    """Unless `folder` is converted, have `convert` fill a temporary folder that becomes it.
+
+    Under an exclusive flock on the cache's lock file: a process that converts the same model
+    at the same time waits, then finds it converted, instead of converting it again and
+    deleting (or failing to rename over) the first one's folder.
+    """
+    if _is_converted(folder):
+        return
+    lock = os.open(_ensure(cache_root()) / "convert.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, or when the process dies
+        if _is_converted(folder):
+            return
+        tmp = Path(tempfile.mkdtemp(dir=_ensure(folder.parent), prefix=".converting-"))  # 0700
+        try:
+            convert(tmp)
+            for path in tmp.iterdir():
+                path.chmod(0o600 if path.is_file() else 0o700)
+            if folder.exists():  # a half-converted folder from an older format
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        os.close(lock)
 
 
 def _untied_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -182,33 +219,30 @@ def _untied_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in state.items()}
 
 
-def _converted_gguf(gguf: Path, fingerprint: str | None) -> tuple[Path, str]:
+def _converted_gguf(gguf: Path) -> tuple[Path, str]:
     """The cached float copy of `gguf`, converting it first when there is none."""
-    fingerprint = fingerprint or sha256_files([gguf])
+    fingerprint = sha256_files([gguf])
     folder = _cached_folder(gguf.name, fingerprint)
-    if _is_converted(folder):
-        return folder, fingerprint
-    log.warning("dequantising %s once; later loads use the float copy in %s", gguf.name, folder)
+    _convert_once(folder, lambda out: _write_converted(gguf, fingerprint, out))
+    return folder, fingerprint
+
+
+def _write_converted(gguf: Path, fingerprint: str, out: Path) -> None:
+    """Dequantise `gguf` into the Hugging Face folder `out`, tagged with saelab.json."""
+    log.warning("dequantising %s once; later loads use the float copy in %s", gguf.name,
+                _cached_folder(gguf.name, fingerprint))
     from safetensors.torch import save_file
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                  dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tmp = Path(tempfile.mkdtemp(dir=_ensure(folder.parent), prefix=".converting-"))
-    try:
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # the weights written below are plain floats
-        config.save_pretrained(tmp)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        save_file(_untied_state(model), str(tmp / "model.safetensors"))
-        meta = {"format": _CACHE_FORMAT, "source": str(gguf), "sha256": fingerprint}
-        (tmp / "saelab.json").write_text(json.dumps(meta, indent=2))
-        if folder.exists():  # a half-converted folder from an older format
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder, fingerprint
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights written below are plain floats
+    config.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_file(_untied_state(model), str(out / "model.safetensors"))
+    meta = {"format": _CACHE_FORMAT, "source": str(gguf), "sha256": fingerprint}
+    (out / "saelab.json").write_text(json.dumps(meta, indent=2))
