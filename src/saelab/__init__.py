@@ -11,8 +11,9 @@ __version__ = "0.1.0"
 from saelab.activations import ActivationStore, CacheConfig, cache_activations  # noqa: E402
 from saelab.coding import Coder, SparseCode, decompose  # noqa: E402
 from saelab.errors import SaelabError  # noqa: E402
+from saelab.formats import load_sae, write_sae  # noqa: E402
 from saelab.lm import LanguageModel, load_model  # noqa: E402
-from saelab.saes import SAE, load_sae, save_sae  # noqa: E402
+from saelab.saes import SAE, save_sae  # noqa: E402
 from saelab.training import TrainConfig, train  # noqa: E402
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "load_sae",
     "save_sae",
     "train",
+    "write_sae",
 ]

@@ -16,7 +16,9 @@ from saelab.activations import ActivationStore, CacheConfig, cache_activations
 from saelab.config import add_config_arguments, config_from_args
 from saelab.errors import SaelabError
 from saelab.lm import EMBEDDED_MODEL, load_model
+from saelab.verbs.convert import ConvertConfig, run_convert
 from saelab.verbs.decompose import DecomposeConfig, run_decompose
+from saelab.verbs.info import InfoConfig, run_info
 from saelab.verbs.train import TrainCommand, run_train
 
 log = logging.getLogger("saelab")
@@ -107,6 +109,10 @@ VERBS: dict[str, tuple[type, Callable, str]] = {
               "an activation store; resumable; data-parallel under torchrun."),
     "decompose": (DecomposeConfig, run_decompose_verb, "Code stored activations with an SAE's "
                   "dictionary (encoder or inference-time optimisation); print FVU and L0."),
+    "info": (InfoConfig, run_info, "Show what an SAE is (any layout, local or on the hub): "
+             "architecture, width, site, k or thresholds, file sizes."),
+    "convert": (ConvertConfig, run_convert, "Rewrite an SAE in another library's layout "
+                "(saelens, sparsify, dictionary_learning) and check the result."),
     "demo": (DemoConfig, run_demo, "Run the main job on the embedded default model and corpus."),
 }
 

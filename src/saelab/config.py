@@ -3,7 +3,8 @@
 Each verb has one frozen, kw_only dataclass; every field has an attribute docstring, which
 becomes its `--help`. `add_config_arguments` turns the fields into flags (`n_latents` ->
 `--n-latents`; `bool` -> `--x/--no-x`; `Literal` -> choices; `tuple[str, ...]` -> a flag that
-may be repeated), and `config_from_args` builds the dataclass back. (simple_parsing, which
+may be repeated; a field named in the class's `POSITIONAL` is an argument without a flag),
+and `config_from_args` builds the dataclass back. (simple_parsing, which
 does the same, spells flags with underscores and cannot repeat a flag into a tuple.)
 """
 
@@ -65,6 +66,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per field of dataclass `cls` to `parser`."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
+    positional = getattr(cls, "POSITIONAL", ())  # fields named without a flag: `saelab info SPEC`
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = docs.get(f.name, "")
@@ -77,6 +79,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                                 help=help_text)
             continue
         kwargs, repeats = _parser_for(tp)
+        if f.name in positional:
+            parser.add_argument(f.name, nargs=None if required else "?", help=help_text,
+                                metavar=f.name.upper(), **kwargs)
+            continue
         if repeats:
             kwargs["action"] = "append"
             help_text += " Repeat the flag for several."

@@ -14,15 +14,17 @@ from tqdm.auto import tqdm
 from saelab.activations import ActivationStore
 from saelab.coding import Coder, LatentScale, SparseCode, fit_scale
 from saelab.errors import SaelabError
-from saelab.saes import SAE, load_sae
+from saelab.formats import load_sae
+from saelab.saes import SAE
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
 class DecomposeConfig:
-    sae: Path
-    """SAE folder (SAELens layout: cfg.json + sae_weights.safetensors)."""
+    sae: str
+    """The SAE: a folder or file in any layout saelab reads (SAELens, Gemma Scope, sparsify,
+    dictionary_learning), hf://OWNER/REPO/PATH, or RELEASE:SAE_ID (a SAELens release)."""
     activations: Path
     """Activation store from `saelab cache` (OUT or OUT/SITE)."""
     out: Path
@@ -51,8 +53,10 @@ class DecomposeConfig:
 
 def run_decompose(cfg: DecomposeConfig) -> dict[str, float]:
     """Code the store; write the codes; return FVU, mean L0, tokens and tokens/s."""
-    sae = load_sae(cfg.sae, device=cfg.device)
     store = ActivationStore(cfg.activations)
+    # the store's norm scale serves SAEs trained on normalised inputs that lack their factor
+    sae = load_sae(cfg.sae, device=cfg.device,
+                   input_scale=store.normalisation["norm_scale"])
     _check_pair(sae, store, cfg)
     n = min(cfg.tokens or len(store), len(store))
     scale = _scale(cfg, sae, store) if cfg.method == "encoder-scaled" else None
