@@ -11,10 +11,15 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test install lint bench clean
 
-$(STAMP): pyproject.toml Makefile
+# The peers the format tests load SAEs with (SAELens, sparsify, dictionary_learning) come from
+# tests/peers.txt, pinned with only the modules their imports need, and with --no-deps: their
+# declared dependencies would replace the CPU torch with a multi-GB CUDA build and add numba,
+# umap, plotly and nltk, which loading an SAE never touches.
+$(STAMP): pyproject.toml Makefile tests/peers.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[embedded,test]"
+	$(BIN)/python -m pip install --quiet --no-deps -r tests/peers.txt
 	touch $@
 
 install: $(STAMP)
