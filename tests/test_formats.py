@@ -591,3 +591,15 @@ def test_decompose_runs_with_saes_of_other_layouts(tiny_model_dir, tmp_path):
                  str(tmp_path / "acts"), "--method", "encoder", "--out", str(out)]) == 0
     expected = sl.decompose(store[:], sae, "encoder")
     assert_close(sl.SparseCode.load(out).to_dense(128), expected.to_dense(128))
+    # an SAELens SAE trained on normalised inputs, factor not recorded: the store's is used
+    sl.save_sae(sae, tmp_path / "normalised")
+    cfg = json.loads((tmp_path / "normalised" / "cfg.json").read_text())
+    cfg["normalize_activations"] = "expected_average_only_in"
+    (tmp_path / "normalised" / "cfg.json").write_text(json.dumps(cfg))
+    assert main(["decompose", "--sae", str(tmp_path / "normalised"), "--activations",
+                 str(tmp_path / "acts"), "--method", "encoder", "--out", str(out)]) == 0
+    scale = store.normalisation["norm_scale"]
+    assert scale != pytest.approx(1.0)
+    with torch.no_grad():
+        codes_BL = sae.encode(store[:] * scale) / scale  # what SAELens computes, in raw units
+    assert_close(sl.SparseCode.load(out).to_dense(128), codes_BL, atol=1e-5, rtol=1e-4)
