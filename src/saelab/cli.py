@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import saelab
 from saelab.activations import ActivationStore, CacheConfig, cache_activations
@@ -19,7 +20,20 @@ from saelab.lm import EMBEDDED_MODEL, load_model
 from saelab.verbs.convert import ConvertConfig, run_convert
 from saelab.verbs.decompose import DecomposeConfig, run_decompose
 from saelab.verbs.info import InfoConfig, run_info
+from saelab.verbs.synth import SynthConfig, run_synth, synth_summary
+from saelab.verbs.toy import (
+    DropoutConfig,
+    PhaseDiagramConfig,
+    TmsConfig,
+    dropout_summary,
+    phase_summary,
+    run_dropout,
+    run_phase_diagram,
+    run_tms,
+    tms_summary,
+)
 from saelab.verbs.train import TrainCommand, run_train
+from saelab.verbs.width_sweep import WidthSweepConfig, run_width_sweep, width_sweep_summary
 
 log = logging.getLogger("saelab")
 
@@ -101,6 +115,16 @@ def _say(line: str) -> None:
     sys.stdout.write(line + "\n")
 
 
+def _printed(run: Callable[[Any], Any], summary: Callable[[Any], list[str]]
+             ) -> Callable[[Any], None]:
+    """A verb that runs, then prints the summary lines of what it returned."""
+    def verb(cfg: Any) -> None:
+        for line in summary(run(cfg)):
+            _say(line)
+
+    return verb
+
+
 VERBS: dict[str, tuple[type, Callable, str]] = {
     "cache": (CacheConfig, run_cache, "Read activations at sites of a model over a corpus and "
               "store them on disk (resumable)."),
@@ -113,7 +137,25 @@ VERBS: dict[str, tuple[type, Callable, str]] = {
              "architecture, width, site, k or thresholds, file sizes."),
     "convert": (ConvertConfig, run_convert, "Rewrite an SAE in another library's layout "
                 "(saelens, sparsify, dictionary_learning) and check the result."),
+    "synth": (SynthConfig, _printed(run_synth, synth_summary), "Write an activation store of "
+              "synthetic activations built from known feature directions, with the truth."),
     "demo": (DemoConfig, run_demo, "Run the main job on the embedded default model and corpus."),
+}
+
+
+# Verbs with sub-verbs: `saelab toy tms ...`; same shape as VERBS, under a group's help.
+VERB_GROUPS: dict[str, tuple[str, dict[str, tuple[type, Callable, str]]]] = {
+    "toy": ("Toy models of superposition (Elhage et al. 2022) and SAEs on synthetic data.", {
+        "tms": (TmsConfig, _printed(run_tms, tms_summary), "Train ReLU output toy models over "
+                "sparsity (and dropout); measure and plot the features they represent."),
+        "dropout": (DropoutConfig, _printed(run_dropout, dropout_summary), "Sweep hidden dropout "
+                    "and sparsity; plot and fit features represented per hidden dimension."),
+        "phase-diagram": (PhaseDiagramConfig, _printed(run_phase_diagram, phase_summary),
+                          "The n=2, m=1 phase diagram over feature density and importance."),
+        "width-sweep": (WidthSweepConfig, _printed(run_width_sweep, width_sweep_summary),
+                        "Train SAEs of growing width on a `saelab synth` store; plot how "
+                        "many true features they recover."),
+    }),
 }
 
 
@@ -128,13 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
             verb.add_argument("model_arg", nargs="?", metavar="MODEL",
                               help=f"the model (default: {EMBEDDED_MODEL})")
         add_config_arguments(verb, cls)
+    for name, (help_text, verbs) in VERB_GROUPS.items():
+        group = sub.add_parser(name, help=help_text, description=help_text)
+        inner = group.add_subparsers(dest="subverb", required=True, metavar="SUBVERB")
+        for sub_name, (cls, _, sub_help) in verbs.items():
+            add_config_arguments(inner.add_parser(sub_name, help=sub_help, description=sub_help),
+                                 cls)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    cls, run, _ = VERBS[args.verb]
+    cls, run, _ = VERBS[args.verb] if args.verb in VERBS \
+        else VERB_GROUPS[args.verb][1][args.subverb]
     try:
         extra = {"model": args.model_arg} if getattr(args, "model_arg", None) else {}
         run(config_from_args(cls, args, **extra))

@@ -1,0 +1,254 @@
+"""`saelab toy tms | dropout | phase-diagram`: toy models of superposition, measured and plotted.
+
+Every verb trains all its instances as one vectorised model (the paper's instance axis) and
+writes a run folder: config.json, results.json, toy.safetensors (weights) and PNG + SVG plots.
+Defaults are the paper's: n=20 features in m=5 dimensions, importance 0.7^i, sparsities
+0 ... 0.999, AdamW at lr 1e-3 for 10,000 steps of 1024.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save
+
+from saelab.config import to_json
+from saelab.errors import SaelabError
+from saelab.io import atomic_write, write_json
+from saelab.toys.measures import (
+    PHASES,
+    ToyMeasures,
+    measure,
+    second_feature_phase,
+)
+from saelab.toys.model import Instances, ToyModel, expected_loss, train_toy
+from saelab.toys.plots import plot_dimensionality, plot_dropout, plot_phase_diagram, plot_weights
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToyTraining:
+    out: Path
+    """Run folder: config.json, results.json, toy.safetensors and the plots (PNG and SVG)."""
+    steps: int = 10_000
+    """Optimiser steps (the paper: 10,000)."""
+    batch_size: int = 1024
+    """Inputs per step and instance (the paper: 1024)."""
+    lr: float = 1e-3
+    """AdamW learning rate, constant (the paper: 1e-3)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (torch's default, which the paper's code kept)."""
+    repeats: int = 1
+    """Instances trained per setting, from different initialisations."""
+    seed: int = 0
+    """Seed of the initialisation and the data."""
+    device: str = "cpu"
+    """Device to train on: cpu, cuda, ..."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "repeats"):
+            if getattr(self, name) < 1:
+                raise SaelabError(f"--{name.replace('_', '-')} must be positive",
+                                  expected=">= 1", found=str(getattr(self, name)),
+                                  fix="pass a positive number")
+
+    def train(self, instances: Instances, d_hidden: int) -> tuple[ToyModel, torch.Tensor]:
+        return train_toy(instances, d_hidden, steps=self.steps, batch_size=self.batch_size,
+                         lr=self.lr, weight_decay=self.weight_decay, seed=self.seed,
+                         device=self.device)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TmsConfig(ToyTraining):
+    n_features: int = 20
+    """Input features n."""
+    d_hidden: int = 5
+    """Hidden dimensions m."""
+    sparsity: tuple[float, ...] = (0.0, 0.7, 0.9, 0.97, 0.99, 0.997, 0.999)
+    """Sparsity S (probability a feature is 0); one instance per value."""
+    dropout: tuple[float, ...] = (0.0,)
+    """Hidden-layer dropout rate q during training; one instance per (sparsity, rate)."""
+    input_dropout: float = 0.0
+    """Dropout rate on the input features (the loss still compares with the clean input)."""
+    importance_decay: float = 0.7
+    """Feature i has importance decay^i (1: all equal)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        rates = [*self.sparsity, *self.dropout, self.input_dropout]
+        if not all(0 <= r < 1 for r in rates) or self.importance_decay <= 0:
+            raise SaelabError("sparsity and dropout rates must be in [0, 1), decay positive",
+                              expected="0 <= S, q < 1 and --importance-decay > 0",
+                              found=f"sparsity {self.sparsity}, dropout {self.dropout}, input "
+                              f"dropout {self.input_dropout}, decay {self.importance_decay}",
+                              fix="pass rates such as 0.9")
+
+    def instances(self) -> Instances:
+        return Instances.grid(self.n_features, list(self.sparsity),
+                              importance_decay=self.importance_decay,
+                              hidden_dropout=self.dropout, input_dropout=self.input_dropout,
+                              repeats=self.repeats)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DropoutConfig(TmsConfig):
+    sparsity: tuple[float, ...] = (0.7, 0.9, 0.97, 0.99)
+    """Sparsity S (probability a feature is 0); one line of the plot per value."""
+    dropout: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+    """Hidden-layer dropout rates q to sweep."""
+    repeats: int = 3
+    """Instances per (sparsity, rate), averaged."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhaseDiagramConfig(ToyTraining):
+    n_density: int = 12
+    """Feature densities 1 - S, log-spaced from --min-density to 1."""
+    min_density: float = 0.01
+    """Lowest feature density."""
+    n_importance: int = 12
+    """Relative importances of the second feature, log-spaced over the range below."""
+    min_importance: float = 0.1
+    """Lowest relative importance."""
+    max_importance: float = 10.0
+    """Highest relative importance."""
+    repeats: int = 3
+    """Initialisations per cell; the one with the lowest loss is the cell's answer."""
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        density = torch.logspace(np.log10(self.min_density), 0, self.n_density)
+        importance = torch.logspace(np.log10(self.min_importance),
+                                    np.log10(self.max_importance), self.n_importance)
+        return density, importance
+
+
+def run_tms(cfg: TmsConfig) -> dict[str, Any]:
+    """Train every (sparsity, dropout) instance; write measures, weights and plots."""
+    instances, model, m = _train_and_measure(cfg, cfg.instances(), cfg.d_hidden)
+    rows = [{"sparsity": 1 - float(instances.feature_probability[i]),
+             "dropout": float(instances.hidden_dropout[i]),
+             "input_dropout": float(instances.input_dropout[i]),
+             "repeat": i % cfg.repeats, **_instance_measures(m, i)}
+            for i in range(len(instances))]
+    labels = [f"S={r['sparsity']:.3g}" + (f", q={r['dropout']:g}" if len(cfg.dropout) > 1 else "")
+              for r in rows]
+    plot_weights(model.W_IFH.detach().cpu(), model.b_IF.detach().cpu(), m, labels,
+                 cfg.out / "weights")
+    plot_dimensionality([r["sparsity"] for r in rows], m, cfg.d_hidden, cfg.out / "dimensionality")
+    results = {"instances": rows, "loss": expected_loss(model, instances).tolist()}
+    write_json(cfg.out / "results.json", results)
+    return results
+
+
+def run_dropout(cfg: DropoutConfig) -> dict[str, Any]:
+    """Sweep hidden dropout and sparsity; fit features-per-dimension against the rate."""
+    instances, model, m = _train_and_measure(cfg, cfg.instances(), cfg.d_hidden)
+    shape = (len(cfg.sparsity), len(cfg.dropout), cfg.repeats)
+    per_dim_SQR = (m.n_represented.float() / cfg.d_hidden).reshape(shape).numpy()
+    frob_SQR = (1 / m.dimensions_per_feature).reshape(shape).numpy()  # ||W||_F^2 / m
+    per_dim_SQ = per_dim_SQR.mean(axis=2)
+    q = np.asarray(cfg.dropout)
+    fits = [_line_fit(np.repeat(q, cfg.repeats), per_dim_SQR[s].reshape(-1))
+            for s in range(len(cfg.sparsity))]
+    plot_dropout(cfg.dropout, per_dim_SQ, cfg.sparsity, [(f["intercept"], f["slope"])
+                                                          for f in fits], cfg.out / "dropout")
+    results = {
+        "sparsity": list(cfg.sparsity), "dropout": list(cfg.dropout),
+        "features_per_dimension": per_dim_SQ.tolist(),
+        "features_per_dimension_std": per_dim_SQR.std(axis=2).tolist(),
+        "frobenius_per_dimension": frob_SQR.mean(axis=2).tolist(),
+        "linear_fit": [{"sparsity": s, **f} for s, f in zip(cfg.sparsity, fits)],
+        "relative_slope": _relative_slope(q, per_dim_SQR),
+    }
+    write_json(cfg.out / "results.json", results)
+    return results
+
+
+def run_phase_diagram(cfg: PhaseDiagramConfig) -> dict[str, Any]:
+    """n=2, m=1 over feature density x relative importance; keep each cell's best repeat."""
+    density, importance = cfg.grid()
+    D, R, _ = torch.meshgrid(density, importance, torch.arange(cfg.repeats, dtype=torch.float32),
+                             indexing="ij")
+    n = D.numel()
+    instances = Instances(D.reshape(-1), torch.stack([torch.ones(n), R.reshape(-1)], dim=1),
+                          torch.zeros(n), torch.zeros(n))
+    _, model, m = _train_and_measure(cfg, instances, 1)
+    loss_DRX = expected_loss(model, instances).reshape(len(density), len(importance), -1)
+    best_DR = loss_DRX.argmin(dim=2)
+    pick = (torch.arange(len(density) * len(importance)) * cfg.repeats + best_DR.reshape(-1))
+    phase_DR = second_feature_phase(m.norm[pick]).reshape(len(density), len(importance))
+    plot_phase_diagram(density.tolist(), importance.tolist(), phase_DR, cfg.out / "phase_diagram")
+    W_DR2 = model.W_IFH.detach().cpu()[pick, :, 0].reshape(len(density), len(importance), 2)
+    results = {"density": density.tolist(), "relative_importance": importance.tolist(),
+               "phases": list(PHASES), "phase": phase_DR.tolist(), "W": W_DR2.tolist(),
+               "loss": loss_DRX.gather(2, best_DR[..., None]).squeeze(2).tolist()}
+    write_json(cfg.out / "results.json", results)
+    return results
+
+
+def _train_and_measure(cfg: ToyTraining, instances: Instances, d_hidden: int
+                       ) -> tuple[Instances, ToyModel, ToyMeasures]:
+    write_json(cfg.out / "config.json", to_json(cfg))
+    model, _ = cfg.train(instances, d_hidden)
+    weights = save({"W": model.W_IFH.detach().cpu().contiguous(),
+                    "b": model.b_IF.detach().cpu().contiguous()})
+    atomic_write(cfg.out / "toy.safetensors", lambda f: f.write(weights))
+    return instances, model, measure(model.W_IFH.cpu())
+
+
+def _instance_measures(m: ToyMeasures, i: int) -> dict[str, Any]:
+    return {"n_represented": int(m.n_represented[i]),
+            "dimensions_per_feature": float(m.dimensions_per_feature[i]),
+            "superposition": m.superposition[i].tolist(), "norm": m.norm[i].tolist(),
+            "dimensionality": m.dimensionality[i].tolist()}
+
+
+def _line_fit(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Least-squares y = intercept + slope x, with R^2."""
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (intercept + slope * x)
+    total = ((y - y.mean()) ** 2).sum()
+    return {"intercept": float(intercept), "slope": float(slope),
+            "r2": float(1 - (residual**2).sum() / total) if total > 0 else 1.0}
+
+
+def _relative_slope(q: np.ndarray, per_dim_SQR: np.ndarray) -> dict[str, float]:
+    """One line through every sparsity at once: features per dimension divided by its value
+    without dropout, against q (a common relative decline, if there is one)."""
+    relative_SQR = per_dim_SQR / per_dim_SQR[:, :1].mean(axis=2, keepdims=True)
+    x = np.broadcast_to(q[None, :, None], relative_SQR.shape).reshape(-1)
+    return _line_fit(x, relative_SQR.reshape(-1))
+
+
+def tms_summary(results: dict[str, Any]) -> list[str]:
+    """One line per instance: how many features it represents, and in how many dimensions."""
+    return [f"S={r['sparsity']:<6.4g} dropout {r['dropout']:<4g} repeat {r['repeat']}: "
+            f"{r['n_represented']:>3} features represented, dimensions per feature "
+            f"{r['dimensions_per_feature']:.3f}" for r in results["instances"]]
+
+
+def dropout_summary(results: dict[str, Any]) -> list[str]:
+    """Features per hidden dimension for each (sparsity, rate), and the fitted lines."""
+    lines = ["features represented per hidden dimension (rows: sparsity; columns: dropout "
+             + " ".join(f"{q:g}" for q in results["dropout"]) + ")"]
+    for fit, row in zip(results["linear_fit"], results["features_per_dimension"]):
+        lines.append(f"S={fit['sparsity']:<6g} " + " ".join(f"{v:5.2f}" for v in row)
+                     + f"   fit {fit['intercept']:.2f} {fit['slope']:+.2f} q (R^2 "
+                     f"{fit['r2']:.2f})")
+    rel = results["relative_slope"]
+    lines.append(f"relative to no dropout: {rel['intercept']:.2f} {rel['slope']:+.2f} q "
+                 f"(R^2 {rel['r2']:.2f})")
+    return lines
+
+
+def phase_summary(results: dict[str, Any]) -> list[str]:
+    """The diagram as letters (N not represented, D dedicated, S superposition)."""
+    letters = "NDS"
+    lines = ["density  relative importance " + " ".join(f"{r:.2g}" for r in
+                                                       results["relative_importance"])]
+    lines += [f"{d:<8.3g} " + " ".join(letters[p] for p in row)
+              for d, row in zip(results["density"], results["phase"])]
+    return lines
