@@ -32,7 +32,7 @@ def run_info(cfg: InfoConfig) -> None:
             ("encoder", "subtracts b_dec first" if sae.apply_b_dec_to_input
              else "encodes raw activations (no b_dec subtraction)"),
             ("files", ", ".join(f"{p.name} ({_size(p.stat().st_size)})" for p in files))]
-    sys.stdout.write("".join(f"{key:<13}{value}\n" for key, value in rows))
+    sys.stdout.write("".join(f"{key:<14}{value}\n" for key, value in rows))
 
 
 def sparsity(sae: SAE) -> str:
