@@ -28,6 +28,7 @@ NPZ, SAFETENSORS, CONFIG = "params.npz", "params.safetensors", "config.json"
 _V1_KINDS = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "attn.hook_z"}
 _V2_KINDS = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out",
              "attn_out": "attn.hook_z"}
+_KEYS = {"w_enc": "W_enc", "w_dec": "W_dec"}  # Gemma Scope 2's lower-case names
 
 
 def read(folder: Path) -> SAE:
@@ -45,8 +46,6 @@ def read(folder: Path) -> SAE:
     return build_sae("jumprelu", state, source=source, apply_b_dec_to_input=False,
                      site=site, model=model)
 
-
-_KEYS = {"w_enc": "W_enc", "w_dec": "W_dec"}
 
 
 def _per_latent(scaling: Tensor, source: Path) -> Tensor:

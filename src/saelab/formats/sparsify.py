@@ -20,6 +20,7 @@ from saelab.saes.base import SAE
 from saelab.saes.io import build_sae, read_config, read_safetensors
 
 CFG, WEIGHTS, RUN_CONFIG = "cfg.json", "sae.safetensors", "config.json"
+_NAMES = {"encoder.weight": "W_enc", "encoder.bias": "b_enc"}
 
 
 def read(folder: Path) -> SAE:
@@ -32,11 +33,10 @@ def read(folder: Path) -> SAE:
                           expected="activation topk with an integer k, no transcode, no "
                           "skip_connection", found=kind or f"activation {cfg.get('activation')!r}"
                           f", k {cfg.get('k')!r}", fix="use a plain TopK SAE from the run")
-    tensors = read_safetensors(folder / WEIGHTS)
-    state = {"b_enc": tensors.pop("encoder.bias", None), **tensors}
-    if "encoder.weight" in state:
-        state["W_enc"] = state.pop("encoder.weight").T
-    state = {key: value for key, value in state.items() if value is not None}
+    state = {_NAMES.get(key, key): value
+             for key, value in read_safetensors(folder / WEIGHTS).items()}
+    if "W_enc" in state:
+        state["W_enc"] = state["W_enc"].T  # nn.Linear's [n_latents, d_in]
     run = folder.parent / RUN_CONFIG
     model = read_config(run).get("model") if run.is_file() else None
     return build_sae("topk", state, source=folder / WEIGHTS, k=cfg["k"],

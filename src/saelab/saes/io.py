@@ -73,7 +73,7 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu", *,
     cfg = saelens_config(folder)
     name = _architecture(cfg, folder)
     state = read_safetensors(folder / WEIGHTS, device)
-    state = _fold_extras(state, cfg, folder)
+    state = _fold_extras(state, cfg)
     sae = build_sae(name, state, source=folder / WEIGHTS, k=cfg.get("k"),
                     apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
                     site=cfg["metadata"].get("hook_name"),
@@ -123,8 +123,7 @@ def _architecture(cfg: dict[str, Any], folder: Path) -> str:
     return name
 
 
-def _fold_extras(state: dict[str, Tensor], cfg: dict[str, Any],
-                 folder: Path) -> dict[str, Tensor]:
+def _fold_extras(state: dict[str, Tensor], cfg: dict[str, Any]) -> dict[str, Tensor]:
     """Fold SAELens's optional tensors and switches into W_enc, b_enc, W_dec, threshold."""
     if "log_threshold" in state:  # JumpReLU trained in log space
         state["threshold"] = state.pop("log_threshold").exp()
@@ -136,9 +135,6 @@ def _fold_extras(state: dict[str, Tensor], cfg: dict[str, Any],
         state["W_enc"] = state["W_enc"] * norm_L
         state["b_enc"] = state["b_enc"] * norm_L
         state["W_dec"] = state["W_dec"] / norm_L[:, None]
-    extra = sorted(set(state) - {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"})
-    if extra:
-        log.info("%s: ignoring tensors saelab does not use: %s", folder, ", ".join(extra))
     return state
 
 
@@ -213,6 +209,9 @@ def build_sae(name: str, state: dict[str, Tensor], *, source: Path, k: int | Non
     if name == "batchtopk" and state.get("threshold", torch.zeros(())).dim() == 1:
         state["threshold"] = state["threshold"][0]  # one global threshold, stored per latent
     _missing([key for key in wanted if key not in state], state, source)
+    if set(state) - set(wanted):
+        log.info("%s: ignoring tensors saelab does not use: %s", source,
+                 ", ".join(sorted(set(state) - set(wanted))))
     for key, param in wanted.items():
         if state[key].shape != param.shape:
             raise SaelabError(f"{source}: {key} has the wrong shape for the rest of the SAE",
