@@ -9,7 +9,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import saelab
@@ -17,8 +16,11 @@ from saelab.activations import ActivationStore, CacheConfig, cache_activations
 from saelab.config import add_config_arguments, config_from_args
 from saelab.errors import SaelabError
 from saelab.lm import EMBEDDED_MODEL, load_model
+from saelab.reports import answer
+from saelab.verbs.compare import CompareConfig, EvaluateConfig, run_compare
 from saelab.verbs.convert import ConvertConfig, run_convert
 from saelab.verbs.decompose import DecomposeConfig, run_decompose
+from saelab.verbs.demo import DemoConfig, run_demo
 from saelab.verbs.info import InfoConfig, run_info
 from saelab.verbs.synth import SynthConfig, run_synth, synth_summary
 from saelab.verbs.toy import (
@@ -46,14 +48,6 @@ class SitesConfig:
     """Only list the sites of this layer."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class DemoConfig:
-    out: Path = Path("runs/demo")
-    """Folder for everything the demo writes; re-running reuses what is already there."""
-    quick: bool = False
-    """Smaller settings that finish in a couple of minutes (what CI runs)."""
-
-
 def run_cache(cfg: CacheConfig) -> None:
     start = time.perf_counter()
     stores = cache_activations(cfg)
@@ -73,11 +67,16 @@ def run_sites(cfg: SitesConfig) -> None:
         _say(f"{s.name:<{width}}  {s.width:>6}  {s.module_path} ({s.side}put)")
 
 
-def run_demo(cfg: DemoConfig) -> None:
-    tokens, context = (4_000, 64) if cfg.quick else (200_000, 128)
-    _say(f"saelab demo: {EMBEDDED_MODEL}, built-in corpus, blocks.6.hook_resid_post, "
-         f"{tokens} tokens -> {cfg.out}")
-    run_cache(CacheConfig(out=cfg.out / "activations", tokens=tokens, context_size=context))
+def run_compare_verb(cfg: CompareConfig | EvaluateConfig) -> None:
+    start = time.perf_counter()
+    results = run_compare(cfg)
+    _say(f"{'coder':<20} {'L0':>7} {'FVU':>8} {'delta loss':>11} {'recovered':>10}")
+    for r in results["rows"]:
+        _say(f"{r['label']:<20} {r['l0']:>7.2f} {r['fvu']:>8.4f} {r['delta_loss']:>11.4f} "
+             f"{r['loss_recovered']:>10.3f}")
+    for sentence in answer(results):
+        _say(sentence)
+    _say(f"done in {time.perf_counter() - start:.0f} s; report: {cfg.out / 'report.html'}")
 
 
 def run_decompose_verb(cfg: DecomposeConfig) -> None:
@@ -137,9 +136,14 @@ VERBS: dict[str, tuple[type, Callable, str]] = {
              "architecture, width, site, k or thresholds, file sizes."),
     "convert": (ConvertConfig, run_convert, "Rewrite an SAE in another library's layout "
                 "(saelens, sparsify, dictionary_learning) and check the result."),
+    "evaluate": (EvaluateConfig, run_compare_verb, "Score one coder on an SAE: FVU, L0, delta "
+                 "LM loss with reconstructions spliced in, dead and dense latents."),
+    "compare": (CompareConfig, run_compare_verb, "Every coder at every L0 on the same tokens: "
+                "results.json, Pareto plots and a self-contained report.html."),
     "synth": (SynthConfig, _printed(run_synth, synth_summary), "Write an activation store of "
               "synthetic activations built from known feature directions, with the truth."),
-    "demo": (DemoConfig, run_demo, "Run the main job on the embedded default model and corpus."),
+    "demo": (DemoConfig, run_demo, "The embedded default end to end: cache Gemma 3 270M "
+             "activations, train a TopK SAE, compare the encoder with ITO; print the report."),
 }
 
 

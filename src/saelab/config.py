@@ -2,10 +2,10 @@
 
 Each verb has one frozen, kw_only dataclass; every field has an attribute docstring, which
 becomes its `--help`. `add_config_arguments` turns the fields into flags (`n_latents` ->
-`--n-latents`; `bool` -> `--x/--no-x`; `Literal` -> choices; `tuple[str, ...]` -> a flag that
-may be repeated; a field named in the class's `POSITIONAL` is an argument without a flag),
-and `config_from_args` builds the dataclass back. (simple_parsing, which
-does the same, spells flags with underscores and cannot repeat a flag into a tuple.)
+`--n-latents`; `bool` -> `--x/--no-x`; `Literal` -> choices; `tuple[str, ...]` -> a flag
+that takes comma-separated values or repeats; a field named in the class's `POSITIONAL` is an
+argument without a flag), and `config_from_args` builds the dataclass back. (simple_parsing,
+which does the same, spells flags with underscores and cannot repeat a flag into a tuple.)
 """
 
 from __future__ import annotations
@@ -53,13 +53,26 @@ def _parser_for(tp: Any) -> tuple[dict[str, Any], bool]:
     tp = _strip_optional(tp)
     if get_origin(tp) is tuple:
         inner, _ = _parser_for(get_args(tp)[0])
-        return inner, True
+        return {"type": _comma_separated(inner["type"], inner.get("choices"))}, True
     if get_origin(tp) is Literal:
         choices = get_args(tp)
         return {"type": type(choices[0]), "choices": choices}, False
     if tp in (str, int, float, Path):
         return {"type": tp}, False
     raise TypeError(f"no command-line form for a field of type {tp}")
+
+
+def _comma_separated(convert: Any, choices: tuple | None) -> Any:
+    """A flag value `a,b,c` -> [a, b, c], each converted and checked against `choices`."""
+    def parse(text: str) -> list[Any]:
+        items = [convert(part.strip()) for part in text.split(",") if part.strip()]
+        bad = [item for item in items if choices is not None and item not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice {bad[0]!r} (choose from {', '.join(map(str, choices))})")
+        return items
+
+    return parse
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -84,8 +97,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                                 metavar=f.name.upper(), **kwargs)
             continue
         if repeats:
-            kwargs["action"] = "append"
-            help_text += " Repeat the flag for several."
+            kwargs["action"] = "extend"
+            help_text += " Several: comma-separated, or repeat the flag."
         shown = ", ".join(map(str, default)) if isinstance(default, tuple) else default
         if not required and shown is not None:
             help_text += f" (default: {shown})"

@@ -1,0 +1,60 @@
+"""How codes differ: support overlap between two coders, and the geometry of a selection."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saelab.coding import SparseCode
+
+
+def support(code: SparseCode, n_latents: int) -> Tensor:
+    """[batch, n_latents] bool: the latents with a non-zero value in each row."""
+    on_BL = torch.zeros(len(code), n_latents, dtype=torch.int8, device=code.values.device)
+    return on_BL.scatter_reduce_(1, code.indices, (code.values != 0).to(torch.int8),
+                                 "amax").bool()
+
+
+def jaccard(a_BL: Tensor, b_BL: Tensor) -> Tensor:
+    """Per-row |A and B| / |A or B| of two supports [batch] (1 where both are empty)."""
+    inter = (a_BL & b_BL).sum(dim=1)
+    union = (a_BL | b_BL).sum(dim=1)
+    return torch.where(union > 0, inter / union.clamp(min=1), 1.0)
+
+
+def top_kept(reference: SparseCode, other_BL: Tensor, m: int) -> Tensor:
+    """Per row, the fraction of the reference code's `m` largest latents that the other
+    support also holds [batch] (rows with fewer than m non-zeros use those they have)."""
+    top_BM = reference.values.abs().topk(min(m, reference.k), dim=1)
+    idx_BM = reference.indices.gather(1, top_BM.indices)
+    real_BM = top_BM.values > 0
+    hit_BM = other_BL.gather(1, idx_BM) & real_BM
+    return hit_BM.sum(dim=1) / real_BM.sum(dim=1).clamp(min=1)
+
+
+def order_cosines(code: SparseCode, W_dec: Tensor) -> Tensor:
+    """Cosine between each latent's decoder direction and the span of the latents before it
+    in the code, latents taken in order of decreasing |value| [batch, k] (0 for the first;
+    NaN for empty slots). For an encoder this is the geometry of its choice, comparable to
+    a pursuit's `trace.span_cosine`.
+
+    By Gram-Schmidt over the k slots (batched over rows): the norm of a direction's part
+    orthogonal to the earlier ones is the sine; a latent chosen twice (matching pursuit
+    re-picks) has cosine 1 and adds nothing to the basis.
+    """
+    order = code.values.abs().argsort(dim=1, descending=True)
+    idx_BK = code.indices.gather(1, order)
+    live_BK = code.values.gather(1, order) != 0
+    rows_BKD = torch.nn.functional.normalize(W_dec[idx_BK].double(), dim=-1)
+    basis_BKD = torch.zeros_like(rows_BKD)
+    cos_BK = torch.zeros(idx_BK.shape, dtype=torch.float64, device=rows_BKD.device)
+    for j in range(code.k):
+        w_BD = rows_BKD[:, j]
+        orth_BD = w_BD - torch.einsum("bkd,bk->bd", basis_BKD, torch.einsum(
+            "bkd,bd->bk", basis_BKD, w_BD))
+        sine_B = orth_BD.norm(dim=1)
+        cos_BK[:, j] = (1 - sine_B.pow(2)).clamp(min=0).sqrt()
+        keep_B = (sine_B > 1e-7) & live_BK[:, j]
+        basis_BKD[:, j] = torch.where(keep_B[:, None], orth_BD / sine_B.clamp(min=1e-30)[:, None],
+                                      0.0)
+    return torch.where(live_BK, cos_BK, torch.nan).to(code.values.dtype)

@@ -1,0 +1,243 @@
+"""Evaluation against float64 references on a tiny real model, and `compare` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_lm
+from scipy.special import log_softmax, rel_entr
+
+import saelab as sl
+from saelab.cli import main
+from saelab.coding import SparseCode
+from saelab.evals import (
+    LatentUsage,
+    ReconstructionMetrics,
+    clean_pass,
+    jaccard,
+    order_cosines,
+    spliced_loss,
+    support,
+    top_kept,
+)
+from saelab.evals.sweep import CoderSpec, run_sweep
+from saelab.reports import PLOTS
+from saelab.saes import TopKSAE, save_sae
+
+LAST = "blocks.2.hook_resid_post"  # tiny llama's last residual: the head reads it directly
+
+
+@pytest.fixture(scope="module")
+def lm64(tiny_tokenizer):
+    lm = tiny_lm("llama", tiny_tokenizer)
+    lm.hf_model.double()
+    return lm
+
+
+def windows(lm, n=3, t=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, lm.hf_model.config.vocab_size, (n, t), generator=g)
+    ids[:, 0] = lm.bos_token_id
+    return ids
+
+
+def head_logprobs(lm, resid):
+    """Reference: the tiny llama's final norm and head on a residual stream, in float64."""
+    model = lm.hf_model
+    with torch.no_grad():
+        logits = model.lm_head(model.model.norm(resid.double()))
+    return log_softmax(logits.numpy(), axis=-1)
+
+
+def reference_losses(lm, ids, replacement):
+    """Cross-entropy and KL at positions 1 .. T-2 with the last residual's positions 1.. set
+    to `replacement`, from first principles (numpy, float64)."""
+    clean_resid = lm.read(ids, [LAST])[LAST]
+    spliced_resid = clean_resid.clone()
+    spliced_resid[:, 1:] = replacement
+    clean_lp = head_logprobs(lm, clean_resid)[:, 1:-1]
+    spliced_lp = head_logprobs(lm, spliced_resid)[:, 1:-1]
+    targets = ids[:, 2:].numpy()[..., None]
+    ce = -np.take_along_axis(spliced_lp, targets, -1)[..., 0]
+    clean_ce = -np.take_along_axis(clean_lp, targets, -1)[..., 0]
+    kl = rel_entr(np.exp(clean_lp), np.exp(spliced_lp)).sum(-1)
+    return clean_ce, ce, kl
+
+
+def test_delta_loss_and_kl_equal_a_float64_reference(lm64):
+    ids = windows(lm64)
+    clean = clean_pass(lm64, LAST, ids)
+    g = torch.Generator().manual_seed(1)
+    replacement = clean.activations + 0.5 * torch.randn(clean.activations.shape, generator=g,
+                                                        dtype=torch.float64)
+    ce, kl = spliced_loss(lm64, LAST, clean, replacement)
+    ref_clean, ref_ce, ref_kl = reference_losses(lm64, ids, replacement)
+    np.testing.assert_allclose(clean.loss.numpy(), ref_clean, rtol=1e-6)
+    np.testing.assert_allclose(ce.numpy(), ref_ce, rtol=1e-6)
+    np.testing.assert_allclose(kl.numpy(), ref_kl, rtol=1e-6, atol=1e-12)
+    assert (ce - clean.loss).abs().mean() > 1e-3  # the splice did change the loss
+
+
+def test_identity_reconstruction_gives_zero_delta_loss(lm64):
+    clean = clean_pass(lm64, LAST, windows(lm64, seed=2))
+    ce, kl = spliced_loss(lm64, LAST, clean, clean.activations)
+    assert torch.equal(ce, clean.loss)
+    assert kl.abs().max() < 1e-12
+
+
+def test_fvu_and_l0_stream_equal_float64_formulas():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 16, generator=g) * 3 + 1
+    x_hat = x + torch.randn(300, 16, generator=g)
+    values = torch.randn(300, 5, generator=g) * (torch.rand(300, 5, generator=g) > 0.3)
+    code = SparseCode(torch.randint(0, 40, (300, 5), generator=g), values)
+    m = ReconstructionMetrics()
+    for i in range(0, 300, 70):  # uneven batches
+        m.update(x[i:i + 70], x_hat[i:i + 70], code[i:i + 70])
+    r = m.result()
+    xn, hn = x.double().numpy(), x_hat.double().numpy()
+    assert r["fvu"] == pytest.approx(((xn - hn) ** 2).sum() / ((xn - xn.mean(0)) ** 2).sum(),
+                                     rel=1e-10)
+    cos = (xn * hn).sum(1) / np.linalg.norm(xn, axis=1) / np.linalg.norm(hn, axis=1)
+    assert r["cosine"] == pytest.approx(cos.mean(), rel=1e-10)
+    assert r["l0"] == pytest.approx((values.numpy() != 0).sum(1).mean())
+    assert sum(r["l0_histogram"].values()) == 300
+
+
+def random_code(seed, batch=64, k=6, n=30):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.rand(batch, k, generator=g) * (torch.rand(batch, k, generator=g) > 0.25)
+    return SparseCode(torch.randint(0, n, (batch, k), generator=g), values)
+
+
+def test_usage_counts_each_latent_once_per_token():
+    code, n = random_code(0), 30
+    usage = LatentUsage(n)
+    usage.update(code[:20])
+    usage.update(code[20:])
+    sets = [{int(i) for i, v in zip(row_i, row_v, strict=True) if v != 0}
+            for row_i, row_v in zip(code.indices, code.values, strict=True)]
+    expected = np.array([sum(j in s for s in sets) for j in range(n)]) / len(sets)
+    np.testing.assert_allclose(usage.density().numpy(), expected)
+    assert usage.result()["dead"] == int((expected == 0).sum())
+
+
+def test_overlap_against_python_sets():
+    a, b, n = random_code(1), random_code(2), 30
+    sa, sb = support(a, n), support(b, n)
+    sets = [lambda c, r=r: {int(i) for i, v in zip(c.indices[r], c.values[r], strict=True)
+                            if v != 0} for r in range(len(a))]
+    expected = [len(f(a) & f(b)) / len(f(a) | f(b)) if f(a) | f(b) else 1.0 for f in sets]
+    np.testing.assert_allclose(jaccard(sa, sb).numpy(), expected)
+    assert torch.equal(jaccard(sa, sa), torch.ones(len(a)))
+    assert torch.equal(top_kept(a, sa, 3), torch.ones(len(a)))
+
+
+def test_order_cosines_equal_least_squares_projections():
+    g = torch.Generator().manual_seed(3)
+    W = torch.nn.functional.normalize(torch.randn(50, 12, generator=g, dtype=torch.float64), dim=1)
+    code = random_code(4, batch=10, k=5, n=50)
+    cos = order_cosines(SparseCode(code.indices, code.values.double()), W)
+    for r in range(10):
+        order = [int(j) for j in code.values[r].argsort(descending=True) if code.values[r, j] > 0]
+        for step, j in enumerate(order):
+            w = W[code.indices[r, j]]
+            if step == 0:
+                assert cos[r, 0] == pytest.approx(0.0, abs=1e-7)
+                continue
+            span = W[code.indices[r, order[:step]]].T
+            proj = span @ (torch.linalg.pinv(span) @ w)  # a re-picked latent: rank-deficient
+            assert cos[r, step].item() == pytest.approx(proj.norm().item(), abs=1e-7)
+        assert torch.isnan(cos[r, len(order):]).all()
+
+
+def test_sweep_zero_ablation_and_self_overlap(lm64):
+    sae = TopKSAE(64, 96, k=4, dtype=torch.float64).init_random(seed=0)
+    ids = windows(lm64, n=4, t=10, seed=5)
+    out = run_sweep(lm64, sae, LAST, ids.numpy(), [CoderSpec("encoder"), CoderSpec("gp", 4),
+                                                   CoderSpec("omp", 4)], matched_k=4,
+                    batch_tokens=20)
+    clean_ce, zero_ce, _ = reference_losses(lm64, ids, torch.zeros(4, 9, 64, dtype=torch.float64))
+    assert out["clean_loss"] == pytest.approx(clean_ce.mean(), rel=1e-9)
+    assert out["zero_ablation_loss"] == pytest.approx(zero_ce.mean(), rel=1e-9)
+    jac = np.array(out["overlap"]["jaccard"])
+    np.testing.assert_allclose(np.diag(jac), 1.0)
+    np.testing.assert_allclose(jac, jac.T)
+    assert out["overlap"]["encoder_top_kept"]["encoder"] == pytest.approx(1.0)
+    for row in out["rows"]:
+        recovered = (out["zero_ablation_loss"] - row["loss"]) / (
+            out["zero_ablation_loss"] - out["clean_loss"])
+        assert row["loss_recovered"] == pytest.approx(recovered)
+        assert row["tokens"] == 36 and row["l0"] <= 4
+
+
+@pytest.fixture(scope="module")
+def tiny_sae_dir(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("tiny-sae")
+    sae = TopKSAE(64, 128, k=4, site="blocks.1.hook_resid_post").init_random(seed=0)
+    save_sae(sae, folder)
+    return folder
+
+
+def test_compare_writes_every_file_and_one_row_per_coder_and_l0(tmp_path, tiny_model_dir,
+                                                                  tiny_sae_dir):
+    out = tmp_path / "run"
+    code = main(["compare", "--sae", str(tiny_sae_dir), "--model", str(tiny_model_dir),
+                 "--tokens", "150", "--fit-tokens", "45", "--context-size", "16",
+                 "--k", "2,8", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    pursuit_ks = sorted({2, 8, results["matched_k"]})
+    expected = {(c, None) for c in ("encoder", "encoder-refit", "encoder-scaled")} | {
+        (c, k) for c in ("mp", "gp", "omp") for k in pursuit_ks}
+    assert {(r["coder"], r["k"]) for r in results["rows"]} == expected
+    assert len(results["rows"]) == len(expected)
+    for r in results["rows"]:
+        assert all(np.isfinite(r[key]) for key in ("l0", "fvu", "delta_loss", "loss_recovered",
+                                                   "kl"))
+    for stem in PLOTS:
+        assert (out / f"{stem}.png").stat().st_size > 1000
+        assert (out / f"{stem}.svg").read_text().lstrip().startswith("<?xml")
+    page = (out / "report.html").read_text()
+    assert "<svg" in page and "http" not in page.split("<svg")[0]
+    assert f"{results['encoder_l0']:.1f} latents per token" in page
+    assert (out / "config.json").is_file() and (out / "scale.safetensors").is_file()
+
+
+def test_evaluate_scores_one_coder(tmp_path, tiny_model_dir, tiny_sae_dir):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--sae", str(tiny_sae_dir), "--model", str(tiny_model_dir),
+                 "--coder", "gp", "--k", "3", "--tokens", "60", "--fit-tokens", "15",
+                 "--context-size", "16", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["coder"], r["k"]) for r in rows] == [("gp", 3)]
+    assert 0 < rows[0]["l0"] <= 3
+
+
+def test_compare_refuses_an_sae_of_another_width(tmp_path, tiny_model_dir, capsys):
+    folder = tmp_path / "wide"
+    save_sae(TopKSAE(32, 64, k=4, site="blocks.1.hook_resid_post").init_random(), folder)
+    code = main(["compare", "--sae", str(folder), "--model", str(tiny_model_dir),
+                 "--out", str(tmp_path / "x")])
+    assert code == 2
+    assert "site width 32" in capsys.readouterr().err
+
+
+@pytest.mark.gguf
+def test_quick_demo_reports_finite_numbers(tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "saelab", "demo", "--quick", "--out",
+                          str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    store = sl.ActivationStore(tmp_path / "activations" / "blocks.6.hook_resid_post")
+    assert (store.model, store.d_model) == ("gemma-3-270m", 640)
+    results = json.loads((tmp_path / "compare" / "results.json").read_text())
+    assert results["rows"] and all(np.isfinite(r["fvu"]) and np.isfinite(r["delta_loss"])
+                                   for r in results["rows"])
+    assert results["clean_loss"] < results["zero_ablation_loss"]
+    assert str(tmp_path / "compare" / "report.html") in run.stdout
