@@ -34,7 +34,8 @@ def test_every_option_of_every_verb_is_explained(verb):
     text = saelab(verb, "--help").stdout
     for name in cls.__dataclass_fields__:
         assert docs.get(name), f"{verb}: field {name} has no docstring"
-        assert "--" + name.replace("_", "-") in text
+        positional = name in getattr(cls, "POSITIONAL", ())
+        assert (name.upper() if positional else "--" + name.replace("_", "-")) in text
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,7 +110,9 @@ def test_parser_builds_for_every_verb():
     for verb, (cls, _, _) in VERBS.items():
         required = [f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        args = [a for name in required for a in ("--" + name.replace("_", "-"), "x")]
+        positional = getattr(cls, "POSITIONAL", ())
+        args = [a for name in required for a in ("--" + name.replace("_", "-"), "x")
+                if not (name in positional and a.startswith("--"))]
         assert parser.parse_args([verb, *args]).verb == verb
         with pytest.raises(SystemExit) if required else contextlib.nullcontext():
             parser.parse_args([verb])

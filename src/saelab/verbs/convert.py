@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -18,12 +17,12 @@ from saelab.saes.base import SAE
 
 @dataclass(frozen=True, kw_only=True)
 class ConvertConfig:
-    POSITIONAL: ClassVar[tuple[str, ...]] = ("src",)
+    POSITIONAL = ("src",)  # `saelab convert SRC`, no flag
     src: str
     """The SAE to convert: a folder or file in any layout saelab reads, hf://OWNER/REPO/PATH,
     or RELEASE:SAE_ID (a SAELens release)."""
-    to: WritableFormat
-    """Layout to write: saelens (what saelab writes by default), sparsify (TopK SAEs only) or
+    to: WritableFormat = "saelens"
+    """Layout to write: saelens (saelab's own), sparsify (TopK SAEs only) or
     dictionary_learning."""
     out: Path
     """Folder to write into (sparsify: OUT/HOOKPOINT, as its runs are laid out)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -15,7 +14,7 @@ from saelab.saes.base import SAE
 
 @dataclass(frozen=True, kw_only=True)
 class InfoConfig:
-    POSITIONAL: ClassVar[tuple[str, ...]] = ("spec",)
+    POSITIONAL = ("spec",)  # `saelab info SPEC`, no flag
     spec: str
     """The SAE: a folder or file in any layout saelab reads, hf://OWNER/REPO/PATH, or
     RELEASE:SAE_ID (a SAELens release)."""
