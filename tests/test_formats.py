@@ -26,10 +26,13 @@ from safetensors.torch import save_file
 from torch.testing import assert_close
 
 import saelab as sl
+from conftest import tiny_hf_model
 from saelab.cli import main
 from saelab.errors import SaelabError
 from saelab.formats import load_sae, write_sae
 from saelab.formats.releases import gemma_scope, saelens_directory
+from saelab.formats.sites import module_for_site, site_from_module
+from saelab.lm.sites import list_sites
 from saelab.saes import REGISTRY, SAE
 
 D, N, K = 24, 96, 6
@@ -333,6 +336,25 @@ def test_gemma_scope_release_names_resolve_as_saelens_lists_them():
     assert checked > 1000
 
 
+# --- site names ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,model", [
+    ("llama", "meta-llama/Llama-3.2-1B"), ("gemma2", "google/gemma-2-2b"), ("gpt2", "gpt2"),
+    ("gpt_neox", "EleutherAI/pythia-70m-deduped")])
+def test_module_paths_and_sites_translate_both_ways(family, model, tiny_tokenizer):
+    """Against saelab's site table on real (tiny) models: a site read at a module's output
+    has a sparsify hookpoint naming that very module of the base model, and back."""
+    hf = tiny_hf_model(family, tiny_tokenizer)
+    for site in list_sites(hf.config):
+        hookpoint = module_for_site(site.name, model)
+        if site.side == "in":  # sparsify hooks outputs only
+            assert hookpoint is None
+            continue
+        assert hf.base_model.get_submodule(hookpoint) is hf.get_submodule(site.module_path)
+        assert site_from_module(hookpoint, "out", model) == site.name
+        assert site_from_module(site.module_path, "out", model) == site.name
+
+
 # --- round trips and the CLI ---------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -537,6 +559,7 @@ def add_to_hf_cache(home: Path, repo_id: str, files: dict[str, bytes]) -> None:
 HUB_SCRIPT = """
 import json, sys
 import saelab as sl
+from conftest import tiny_hf_model
 out = {}
 for spec in sys.argv[1:]:
     try:
