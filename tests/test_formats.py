@@ -276,17 +276,21 @@ def gemma_scope_params(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def jumprelu_reference(params: dict[str, np.ndarray], x: np.ndarray):
-    """Gemma Scope's encoder as published, in float64: no b_dec subtraction."""
+    """Gemma Scope's encoder as published, in float64: no b_dec subtraction; a
+    `scaling_factor`, where a file has one, multiplies the codes before decoding."""
     p = {key: value.astype(np.float64) for key, value in params.items()}
     pre = x @ p["W_enc"] + p["b_enc"]
     codes = (pre > p["threshold"]) * np.maximum(pre, 0)
-    return codes, codes @ p["W_dec"] + p["b_dec"]
+    return codes, (codes * p.get("scaling_factor", 1.0)) @ p["W_dec"] + p["b_dec"]
 
 
-def test_gemma_scope_npz_matches_the_numpy_jumprelu(tmp_path):
+@pytest.mark.parametrize("scaling", [False, True])
+def test_gemma_scope_npz_matches_the_numpy_jumprelu(tmp_path, scaling):
     folder = tmp_path / "gemma-scope-2b-pt-mlp" / "layer_12" / "width_16k" / "average_l0_82"
     folder.mkdir(parents=True)
     params = gemma_scope_params()
+    if scaling:
+        params["scaling_factor"] = np.linspace(0.5, 1.5, N, dtype=np.float32)
     np.savez(folder / "params.npz", **params)
     sae = load_sae(folder / "params.npz")
     x = inputs().double().numpy()
@@ -448,6 +452,10 @@ def case_shape_mismatch(tmp: Path) -> Path:
     return gemma_scope_folder(tmp, b_enc=np.zeros(N + 1, np.float32))
 
 
+def case_scaling_factor_shape(tmp: Path) -> Path:
+    return gemma_scope_folder(tmp, scaling_factor=np.ones(N - 1, np.float32))
+
+
 def case_config_mismatch(tmp: Path) -> Path:
     cfg = json.loads((saelens_folder(tmp) / "cfg.json").read_text())
     (tmp / "cfg.json").write_text(json.dumps({**cfg, "d_in": D + 8}))
@@ -518,6 +526,7 @@ BROKEN = {
     case_truncated_config: "damaged or truncated",
     case_missing_key: "lacks tensors the SAE needs(.|\n)*expected: threshold",
     case_shape_mismatch: "b_enc has the wrong shape(.|\n)*found:    b_enc \\[97\\]",
+    case_scaling_factor_shape: "scaling_factor has the wrong shape",
     case_config_mismatch: "does not match its cfg.json",
     case_pickle_with_code: "needs arbitrary code to load; saelab will not run it",
     case_per_token_normalisation: "normalises each token",
@@ -559,7 +568,6 @@ def add_to_hf_cache(home: Path, repo_id: str, files: dict[str, bytes]) -> None:
 HUB_SCRIPT = """
 import json, sys
 import saelab as sl
-from conftest import tiny_hf_model
 out = {}
 for spec in sys.argv[1:]:
     try:

@@ -15,13 +15,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from torch import Tensor
-
 from saelab.errors import SaelabError
 from saelab.formats.files import read_npz
 from saelab.formats.sites import site_from_module
 from saelab.saes.base import SAE
-from saelab.saes.io import build_sae, read_config, read_safetensors
+from saelab.saes.io import build_sae, fold_code_scale, read_config, read_safetensors
 
 NPZ, SAFETENSORS, CONFIG = "params.npz", "params.safetensors", "config.json"
 # The site each release's kind of SAE reads, in saelab's names.
@@ -40,20 +38,10 @@ def read(folder: Path) -> SAE:
         source, tensors = folder / SAFETENSORS, read_safetensors(folder / SAFETENSORS)
         site, model = _v2_site(folder)
     state = {_KEYS.get(key, key): value for key, value in tensors.items()}
-    scaling = state.pop("scaling_factor", None)
-    if scaling is not None:  # multiplied the codes before decoding: fold it into W_dec's rows
-        state["W_dec"] = state["W_dec"] * _per_latent(scaling, source)
+    if "W_dec" in state:
+        fold_code_scale(state, source)
     return build_sae("jumprelu", state, source=source, apply_b_dec_to_input=False,
                      site=site, model=model)
-
-
-
-def _per_latent(scaling: Tensor, source: Path) -> Tensor:
-    if scaling.dim() > 1:
-        raise SaelabError(f"{source}: scaling_factor has the wrong shape",
-                          expected="a scalar or [n_latents]", found=str(list(scaling.shape)),
-                          fix="download the file again")
-    return scaling[:, None] if scaling.dim() == 1 else scaling
 
 
 def _v1_site(folder: Path) -> tuple[str | None, str | None]:

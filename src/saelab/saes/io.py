@@ -73,7 +73,7 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu", *,
     cfg = saelens_config(folder)
     name = _architecture(cfg, folder)
     state = read_safetensors(folder / WEIGHTS, device)
-    state = _fold_extras(state, cfg)
+    state = _fold_extras(state, cfg, folder / WEIGHTS)
     sae = build_sae(name, state, source=folder / WEIGHTS, k=cfg.get("k"),
                     apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
                     site=cfg["metadata"].get("hook_name"),
@@ -123,19 +123,34 @@ def _architecture(cfg: dict[str, Any], folder: Path) -> str:
     return name
 
 
-def _fold_extras(state: dict[str, Tensor], cfg: dict[str, Any]) -> dict[str, Tensor]:
+def _fold_extras(state: dict[str, Tensor], cfg: dict[str, Any], source: Path
+                 ) -> dict[str, Tensor]:
     """Fold SAELens's optional tensors and switches into W_enc, b_enc, W_dec, threshold."""
     if "log_threshold" in state:  # JumpReLU trained in log space
         state["threshold"] = state.pop("log_threshold").exp()
-    scaling = state.pop("scaling_factor", state.pop("finetuning_scaling_factor", None))
-    if scaling is not None:  # decode multiplied the codes by it: fold it into W_dec's rows
-        state["W_dec"] = state["W_dec"] * scaling[:, None]
-    if cfg.get("rescale_acts_by_decoder_norm") and "W_dec" in state:
+    if not {"W_enc", "b_enc", "W_dec"} <= set(state):
+        return state  # build_sae names what is missing
+    fold_code_scale(state, source)
+    if cfg.get("rescale_acts_by_decoder_norm"):
         norm_L = state["W_dec"].norm(dim=1)  # TopK ranked pre * ||W_dec_j||, decoded / ||W_dec_j||
         state["W_enc"] = state["W_enc"] * norm_L
         state["b_enc"] = state["b_enc"] * norm_L
         state["W_dec"] = state["W_dec"] / norm_L[:, None]
     return state
+
+
+def fold_code_scale(state: dict[str, Tensor], source: Path) -> None:
+    """Fold a `scaling_factor` (SAELens fine-tuning, some Gemma Scope files), which decode
+    multiplied the codes by, into W_dec's rows."""
+    scaling = state.pop("scaling_factor", state.pop("finetuning_scaling_factor", None))
+    if scaling is None:
+        return
+    n_latents = state["W_dec"].shape[0]
+    if scaling.numel() not in (1, n_latents) or scaling.dim() > 1:
+        raise SaelabError(f"{source}: scaling_factor has the wrong shape",
+                          expected=f"a scalar or [{n_latents}] (n_latents)",
+                          found=str(list(scaling.shape)), fix="download the file again")
+    state["W_dec"] = state["W_dec"] * scaling.reshape(-1, 1)
 
 
 def _input_scale(cfg: dict[str, Any], folder: Path, given: float | None) -> float | None:
