@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.coding import METHODS, Coder, LatentScale, SparseCode
+from saelab.coding import METHODS, Coder, LatentScale, PursuitTrace, SparseCode
 from saelab.coding.api import PURSUITS
 from saelab.evals.metrics import LOG10_DENSITY_BINS, LatentUsage, ReconstructionMetrics
 from saelab.evals.overlap import jaccard, order_cosines, support, top_kept
@@ -100,9 +100,9 @@ def run_sweep(lm: LanguageModel, sae: SAE, site: str, windows: np.ndarray,
             scored += clean.loss.numel()
             codes = {}
             for t in tracks:
-                code = _score(t, lm, site, clean, x_ND, W_dec, b_dec)
+                code = _score(t, lm, site, clean, x_ND, W_dec, b_dec, trace=start == 0)
                 if start == 0:
-                    t.geometry.append(_geometry(t, x_ND[:geometry_tokens], code, W_dec))
+                    t.geometry.append(_geometry(t, code[:geometry_tokens], code.trace, W_dec))
                 codes[t.spec] = code
                 bar.update(len(x_ND))
             _overlap(matched, codes, sae.n_latents, pairs, kept)
@@ -112,9 +112,9 @@ def run_sweep(lm: LanguageModel, sae: SAE, site: str, windows: np.ndarray,
 
 
 def _score(t: _Track, lm: LanguageModel, site: str, clean: CleanPass, x_ND: Tensor,
-           W_dec: Tensor, b_dec: Tensor) -> SparseCode:
+           W_dec: Tensor, b_dec: Tensor, trace: bool) -> SparseCode:
     began = time.perf_counter()
-    code = t.coder(x_ND)
+    code = t.coder(x_ND, return_trace=trace and t.spec.coder in PURSUITS)
     t.seconds += time.perf_counter() - began
     x_hat_ND = code.decode(W_dec, b_dec)
     t.recon.update(x_ND, x_hat_ND, code)
@@ -126,13 +126,14 @@ def _score(t: _Track, lm: LanguageModel, site: str, clean: CleanPass, x_ND: Tens
     return code
 
 
-def _geometry(t: _Track, x_ND: Tensor, code: SparseCode, W_dec: Tensor) -> Tensor:
+def _geometry(t: _Track, code: SparseCode, trace: PursuitTrace | None, W_dec: Tensor
+              ) -> Tensor:
     """Cosine of each chosen latent to the span of those chosen before it: pursuits in the
     order they selected (their trace), encoder codes in order of decreasing value."""
-    if t.spec.coder in PURSUITS:
-        cos = t.coder(x_ND, return_trace=True).trace.span_cosine[1:]
+    if trace is not None:
+        cos = trace.span_cosine[1:, : len(code)]
     else:
-        cos = order_cosines(code[: len(x_ND)], W_dec)[:, 1:]
+        cos = order_cosines(code, W_dec)[:, 1:]
     return cos[torch.isfinite(cos)].cpu()
 
 

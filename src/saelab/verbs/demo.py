@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from saelab.activations import CacheConfig, cache_activations
+from saelab.io import write_json
 from saelab.lm import EMBEDDED_MODEL
 from saelab.reports import answer
 from saelab.verbs.compare import CompareConfig, run_compare
@@ -39,43 +42,58 @@ class _Settings:
     k: int
     train_tokens: int
     batch_size: int
+    lr_warmup_steps: int
     eval_tokens: int
     fit_tokens: int
     ks: tuple[int, ...]
 
 
 FULL = _Settings(cache_tokens=200_000, context_size=128, n_latents=4096, k=32,
-                 train_tokens=600_000, batch_size=4096, eval_tokens=4096, fit_tokens=4096,
-                 ks=(8, 16, 32, 64))
-QUICK = _Settings(cache_tokens=4_000, context_size=64, n_latents=1024, k=16,
-                  train_tokens=16_000, batch_size=1000, eval_tokens=504, fit_tokens=504,
-                  ks=(8, 16))
+                 train_tokens=1_000_000, batch_size=4096, lr_warmup_steps=20,
+                 eval_tokens=4096, fit_tokens=4096, ks=(8, 16, 32, 64))
+QUICK = _Settings(cache_tokens=8_000, context_size=64, n_latents=1024, k=16,
+                  train_tokens=48_000, batch_size=1000, lr_warmup_steps=10, eval_tokens=504,
+                  fit_tokens=504, ks=(8, 16))
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the three stages; return the comparison's results."""
     s = QUICK if cfg.quick else FULL
-    started = time.perf_counter()
+    seconds: dict[str, float] = {}
     _say(f"saelab demo{' --quick' if cfg.quick else ''}: {EMBEDDED_MODEL}, built-in corpus, "
          f"{SITE} -> {cfg.out}")
-    _say(f"1/3 cache {s.cache_tokens} tokens of activations")
-    store = cache_activations(CacheConfig(out=cfg.out / "activations", site=(SITE,),
-                                          tokens=s.cache_tokens,
-                                          context_size=s.context_size))[SITE]
-    _say(f"2/3 train a TopK SAE: {s.n_latents} latents, k={s.k}, {s.train_tokens} tokens")
-    run_train(TrainCommand(activations=store.path, out=cfg.out / "sae", architecture="topk",
-                           n_latents=s.n_latents, k=s.k, tokens=s.train_tokens,
-                           batch_size=s.batch_size))
-    _say(f"3/3 compare coders on {s.eval_tokens} held-out tokens at k={list(s.ks)}")
-    results = run_compare(CompareConfig(
-        sae=str(cfg.out / "sae"), out=cfg.out / "compare", model=EMBEDDED_MODEL, site=SITE,
-        tokens=s.eval_tokens, fit_tokens=s.fit_tokens, context_size=s.context_size,
-        skip_tokens=store.manifest["n_windows"] * (s.context_size - 1), k=s.ks))
+    with _stage(seconds, "cache", f"1/3 cache {s.cache_tokens} tokens of activations"):
+        store = cache_activations(CacheConfig(out=cfg.out / "activations", site=(SITE,),
+                                              tokens=s.cache_tokens,
+                                              context_size=s.context_size))[SITE]
+    with _stage(seconds, "train", f"2/3 train a TopK SAE: {s.n_latents} latents, k={s.k}, "
+                f"{s.train_tokens} tokens"):
+        run_train(TrainCommand(activations=store.path, out=cfg.out / "sae",
+                               architecture="topk", n_latents=s.n_latents, k=s.k,
+                               tokens=s.train_tokens, batch_size=s.batch_size,
+                               lr_warmup_steps=s.lr_warmup_steps))
+    with _stage(seconds, "compare", f"3/3 compare coders on {s.eval_tokens} held-out tokens "
+                f"at k={list(s.ks)}"):
+        results = run_compare(CompareConfig(
+            sae=str(cfg.out / "sae"), out=cfg.out / "compare", model=EMBEDDED_MODEL,
+            site=SITE, tokens=s.eval_tokens, fit_tokens=s.fit_tokens,
+            context_size=s.context_size, k=s.ks,
+            skip_tokens=store.manifest["n_windows"] * (s.context_size - 1)))
     for sentence in answer(results):
         _say("  " + sentence)
-    _say(f"done in {time.perf_counter() - started:.0f} s; report: "
-         f"{cfg.out / 'compare' / 'report.html'}")
+    write_json(cfg.out / "timings.json", seconds)
+    _say("stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) +
+         f"; total {sum(seconds.values()):.0f} s")
+    _say(f"report: {cfg.out / 'compare' / 'report.html'}")
     return results
+
+
+@contextmanager
+def _stage(seconds: dict[str, float], name: str, message: str) -> Iterator[None]:
+    _say(message)
+    began = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - began
 
 
 def _say(line: str) -> None:
