@@ -395,6 +395,8 @@ def test_convert_and_info_on_the_command_line(tmp_path, capsys):
     assert f"{N} latents x d_model {D}" in info and "ae.pt" in info
     assert main(["convert", str(folder), "--to", "sparsify", "--out", str(tmp_path / "s")]) == 2
     assert "sparsify has no jumprelu SAE" in capsys.readouterr().err
+    assert main(["convert", str(folder), "--out", str(tmp_path / "dl")]) == 2
+    assert "already holds an SAE in the dictionary_learning layout" in capsys.readouterr().err
 
 
 # --- broken files --------------------------------------------------------------------------

@@ -98,4 +98,9 @@ def write_sae(sae: SAE, out: str | Path, fmt: WritableFormat = "saelens") -> Pat
         raise SaelabError(f"saelab cannot write the {fmt!r} layout",
                           expected=" or ".join(get_args(WritableFormat)), found=repr(fmt),
                           fix="pick one of them")
+    there = layout(Path(out))
+    if there not in (None, fmt):
+        raise SaelabError(f"{out} already holds an SAE in the {there} layout",
+                          expected=f"an empty folder or one holding a {fmt} SAE",
+                          found=f"{there} files", fix="pick another --out")
     return WRITERS[fmt](sae, Path(out))
