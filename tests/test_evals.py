@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_lm
 from scipy.special import log_softmax, rel_entr
 
 import saelab as sl
+from conftest import tiny_lm
 from saelab.cli import main
 from saelab.coding import SparseCode
 from saelab.evals import (
@@ -205,6 +205,11 @@ def test_compare_writes_every_file_and_one_row_per_coder_and_l0(tmp_path, tiny_m
     assert "<svg" in page and "http" not in page.split("<svg")[0]
     assert f"{results['encoder_l0']:.1f} latents per token" in page
     assert (out / "config.json").is_file() and (out / "scale.safetensors").is_file()
+    before = (out / "results.json").stat().st_mtime_ns  # the same command again: read back
+    assert main(["compare", "--sae", str(tiny_sae_dir), "--model", str(tiny_model_dir),
+                 "--tokens", "150", "--fit-tokens", "45", "--context-size", "16",
+                 "--k", "2,8", "--out", str(out)]) == 0
+    assert (out / "results.json").stat().st_mtime_ns == before
 
 
 def test_evaluate_scores_one_coder(tmp_path, tiny_model_dir, tiny_sae_dir):

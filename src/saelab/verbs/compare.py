@@ -24,7 +24,7 @@ from saelab.corpus import BUILTIN_CORPUS, iter_documents, token_windows
 from saelab.errors import SaelabError
 from saelab.evals.sweep import CoderSpec, plan, run_sweep
 from saelab.formats import load_sae
-from saelab.io import write_json
+from saelab.io import read_json, write_json
 from saelab.lm import EMBEDDED_MODEL, LanguageModel, load_model
 from saelab.reports import write_plots, write_report
 from saelab.saes import SAE
@@ -84,10 +84,17 @@ class EvaluateConfig(EvalOptions):
 
 
 def run_compare(cfg: CompareConfig | EvaluateConfig) -> dict[str, Any]:
-    """Run the comparison (or one evaluation), write everything, return the results."""
+    """Run the comparison (or one evaluation), write everything, return the results.
+    A folder holding a finished run of the same config is read back, not recomputed."""
+    config = {"verb": type(cfg).__name__, **to_json(cfg)}
+    if (cfg.out / RESULTS).is_file() and (cfg.out / "config.json").is_file() \
+            and read_json(cfg.out / "config.json") == config:
+        log.info("%s holds this comparison already; reading it back", cfg.out)
+        return read_json(cfg.out / RESULTS)
     torch.manual_seed(cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    write_json(cfg.out / "config.json", {"verb": type(cfg).__name__, **to_json(cfg)})
+    (cfg.out / RESULTS).unlink(missing_ok=True)  # results.json only ever beside its config
+    write_json(cfg.out / "config.json", config)
     sae = load_sae(cfg.sae, device=cfg.device)
     lm = load_model(cfg.model, device=cfg.device)
     site = _site(cfg, sae, lm)
