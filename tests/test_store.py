@@ -89,6 +89,62 @@ def test_shuffled_batches_are_a_seeded_partition(stores):
     assert torch.equal(torch.cat(list(store.batches(100, shuffle=False))), everything)
 
 
+def reference_batches(store: ActivationStore, batch_size: int, *, shuffle: bool, seed: int,
+                      rank: int, world_size: int, block_rows: int, buffer_rows: int
+                      ) -> list[torch.Tensor]:
+    """The documented order, brute force on the whole store in RAM: blocks permuted and dealt
+    to the ranks, each buffer of blocks sorted and its rows permuted, then cut into batches."""
+    everything = store[:]
+    rng = np.random.default_rng(seed)
+    n_blocks = -(-len(store) // block_rows)
+    blocks = (rng.permutation(n_blocks) if shuffle else np.arange(n_blocks))[rank::world_size]
+    per_buffer = max(1, buffer_rows // block_rows)
+    order = []
+    for start in range(0, len(blocks), per_buffer):
+        index = np.concatenate([np.arange(b * block_rows, min((b + 1) * block_rows, len(store)))
+                                for b in np.sort(blocks[start:start + per_buffer])])
+        order.append(index[rng.permutation(len(index))] if shuffle else index)
+    return list(everything[np.concatenate(order)].split(batch_size))
+
+
+@pytest.mark.parametrize(("shuffle", "seed", "rank", "world_size", "block_rows", "buffer_rows"), [
+    (True, 0, 0, 1, 16, 128),
+    (True, 7, 1, 2, 16, 100),  # buffers of 6 blocks
+    (True, 3, 0, 3, 50, 1 << 18),  # one buffer; blocks cross shard boundaries (248 rows)
+    (False, 0, 0, 1, 1024, 1 << 18),
+    (False, 0, 1, 2, 10, 64),
+])
+def test_batches_follow_the_documented_order(stores, shuffle, seed, rank, world_size, block_rows,
+                                             buffer_rows):
+    """Training resumes by skipping batches: the order is part of the contract."""
+    store = stores[1][SITES[0]]
+    got = list(store.batches(37, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+                             block_rows=block_rows, buffer_rows=buffer_rows))
+    expected = reference_batches(store, 37, shuffle=shuffle, seed=seed, rank=rank,
+                                 world_size=world_size, block_rows=block_rows,
+                                 buffer_rows=buffer_rows)
+    assert [len(b) for b in got] == [len(b) for b in expected]
+    for a, b in zip(got, expected):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_shuffled_batches_copy_each_row_once(stores):
+    """No gathered or concatenated copies of a buffer: peak memory is about one buffer."""
+    import tracemalloc
+
+    store = stores[1][SITES[0]]
+    buffer_bytes = len(store) * store.d_model * 4  # one buffer holds the whole store
+    tracemalloc.start()
+    try:
+        n = sum(len(b) for b in store.batches(64, block_rows=16, buffer_rows=len(store)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert n == len(store)
+    assert buffer_bytes < peak < 1.5 * buffer_bytes
+
+
 def test_re_running_a_finished_cache_reuses_it(stores, lm):
     cfg, by_site = stores
     before = {p: p.stat().st_mtime_ns for p in by_site[SITES[0]].path.iterdir()}
