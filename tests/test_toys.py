@@ -8,12 +8,16 @@ instances of a test in one vectorised model.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from saelab.cli import VERB_GROUPS, main
+from saelab.config import field_docs
 from saelab.toys.measures import (
     DEDICATED,
     NOT_REPRESENTED,
@@ -126,7 +130,7 @@ def test_phase_diagram_has_the_papers_three_regions(tmp_path: Path):
     not represented; dense and more important -> it takes the dimension alone; sparse ->
     both share it in superposition, as an antipodal pair."""
     cfg = PhaseDiagramConfig(out=tmp_path, n_density=3, min_density=0.01, n_importance=2,
-                             min_importance=0.2, max_importance=5.0, repeats=3, **FAST)
+                             min_importance=0.2, max_importance=5.0, repeats=8, **FAST)
     res = run_phase_diagram(cfg)
     phase = res["phase"]  # [density 0.01, 0.1, 1][importance 0.2, 5]
     assert phase[2] == [NOT_REPRESENTED, DEDICATED]
@@ -141,3 +145,50 @@ def test_second_feature_phase_by_hand():
     norms = torch.tensor([[1.0, 0.1], [0.1, 1.0], [1.0, 1.0], [0.0, 0.0]])
     assert second_feature_phase(norms).tolist() == [NOT_REPRESENTED, DEDICATED, SUPERPOSITION,
                                                     NOT_REPRESENTED]
+
+
+@pytest.mark.parametrize("sub", list(VERB_GROUPS["toy"][1]))
+def test_every_toy_option_is_explained(sub, capsys):
+    cls = VERB_GROUPS["toy"][1][sub][0]
+    with pytest.raises(SystemExit):
+        main(["toy", sub, "--help"])
+    text = capsys.readouterr().out
+    for name in cls.__dataclass_fields__:
+        assert field_docs(cls).get(name), f"toy {sub}: field {name} has no docstring"
+        assert "--" + name.replace("_", "-") in text
+
+
+def test_toy_tms_cli_writes_results_and_plots(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["toy", "tms", "--out", str(out), "--steps", "300", "--lr", "0.01",
+                 "--sparsity", "0", "--sparsity", "0.9", "--dropout", "0", "--dropout", "0.2"]) == 0
+    assert "features represented" in capsys.readouterr().out
+    rows = json.loads((out / "results.json").read_text())["instances"]
+    assert [r["sparsity"] for r in rows] == pytest.approx([0, 0, 0.9, 0.9])
+    assert [r["dropout"] for r in rows] == pytest.approx([0, 0.2, 0, 0.2])
+    for r in rows:
+        assert len(r["superposition"]) == N and 0 <= r["n_represented"] <= N
+        assert r["dimensions_per_feature"] > 0
+    assert json.loads((out / "config.json").read_text())["sparsity"] == [0.0, 0.9]
+    for stem in ("weights", "dimensionality"):
+        assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.svg").is_file()
+    assert (out / "toy.safetensors").is_file()
+
+
+def test_toy_dropout_cli_fits_a_line_per_sparsity(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["toy", "dropout", "--out", str(out), "--steps", "300", "--lr", "0.01",
+                 "--sparsity", "0.9", "--dropout", "0", "--dropout", "0.4", "--repeats", "2"]) == 0
+    assert "fit" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert np.shape(res["features_per_dimension"]) == (1, 2)
+    fit = res["linear_fit"][0]
+    # two rates: the line passes through the two means
+    assert fit["intercept"] == pytest.approx(res["features_per_dimension"][0][0])
+    assert fit["intercept"] + 0.4 * fit["slope"] == pytest.approx(res["features_per_dimension"][0][1])
+    assert (out / "dropout.png").is_file() and (out / "dropout.svg").is_file()
+
+
+def test_toy_user_errors_exit_2(tmp_path, capsys):
+    assert main(["toy", "tms", "--out", str(tmp_path), "--sparsity", "1.5"]) == 2
+    assert "sparsity and dropout rates must be in [0, 1)" in capsys.readouterr().err

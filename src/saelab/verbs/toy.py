@@ -8,6 +8,7 @@ Defaults are the paper's: n=20 features in m=5 dimensions, importance 0.7^i, spa
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,26 +98,27 @@ class TmsConfig(ToyTraining):
 class DropoutConfig(TmsConfig):
     sparsity: tuple[float, ...] = (0.7, 0.9, 0.97, 0.99)
     """Sparsity S (probability a feature is 0); one line of the plot per value."""
-    dropout: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
-    """Hidden-layer dropout rates q to sweep."""
-    repeats: int = 3
+    dropout: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+    """Hidden-layer dropout rates q to sweep (the first is the baseline of the pooled fits)."""
+    repeats: int = 4
     """Instances per (sparsity, rate), averaged."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class PhaseDiagramConfig(ToyTraining):
-    n_density: int = 12
+    n_density: int = 10
     """Feature densities 1 - S, log-spaced from --min-density to 1."""
     min_density: float = 0.01
     """Lowest feature density."""
-    n_importance: int = 12
+    n_importance: int = 10
     """Relative importances of the second feature, log-spaced over the range below."""
     min_importance: float = 0.1
     """Lowest relative importance."""
     max_importance: float = 10.0
     """Highest relative importance."""
-    repeats: int = 3
-    """Initialisations per cell; the one with the lowest loss is the cell's answer."""
+    repeats: int = 8
+    """Initialisations per cell; the one with the lowest loss is the cell's answer (a
+    same-sign pair is a local minimum that catches some initialisations)."""
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         density = torch.logspace(np.log10(self.min_density), 0, self.n_density)
@@ -128,11 +130,9 @@ class PhaseDiagramConfig(ToyTraining):
 def run_tms(cfg: TmsConfig) -> dict[str, Any]:
     """Train every (sparsity, dropout) instance; write measures, weights and plots."""
     instances, model, m = _train_and_measure(cfg, cfg.instances(), cfg.d_hidden)
-    rows = [{"sparsity": 1 - float(instances.feature_probability[i]),
-             "dropout": float(instances.hidden_dropout[i]),
-             "input_dropout": float(instances.input_dropout[i]),
-             "repeat": i % cfg.repeats, **_instance_measures(m, i)}
-            for i in range(len(instances))]
+    settings = itertools.product(cfg.sparsity, cfg.dropout, range(cfg.repeats))  # grid order
+    rows = [{"sparsity": s, "dropout": q, "input_dropout": cfg.input_dropout, "repeat": r,
+             **_instance_measures(m, i)} for i, (s, q, r) in enumerate(settings)]
     labels = [f"S={r['sparsity']:.3g}" + (f", q={r['dropout']:g}" if len(cfg.dropout) > 1 else "")
               for r in rows]
     plot_weights(model.W_IFH.detach().cpu(), model.b_IF.detach().cpu(), m, labels,
@@ -161,7 +161,8 @@ def run_dropout(cfg: DropoutConfig) -> dict[str, Any]:
         "features_per_dimension_std": per_dim_SQR.std(axis=2).tolist(),
         "frobenius_per_dimension": frob_SQR.mean(axis=2).tolist(),
         "linear_fit": [{"sparsity": s, **f} for s, f in zip(cfg.sparsity, fits)],
-        "relative_slope": _relative_slope(q, per_dim_SQR),
+        "relative_fit": _pooled_fit(q, per_dim_SQR, baseline=0.0),
+        "excess_fit": _pooled_fit(q, per_dim_SQR, baseline=1.0),
     }
     write_json(cfg.out / "results.json", results)
     return results
@@ -215,10 +216,14 @@ def _line_fit(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
             "r2": float(1 - (residual**2).sum() / total) if total > 0 else 1.0}
 
 
-def _relative_slope(q: np.ndarray, per_dim_SQR: np.ndarray) -> dict[str, float]:
-    """One line through every sparsity at once: features per dimension divided by its value
-    without dropout, against q (a common relative decline, if there is one)."""
-    relative_SQR = per_dim_SQR / per_dim_SQR[:, :1].mean(axis=2, keepdims=True)
+def _pooled_fit(q: np.ndarray, per_dim_SQR: np.ndarray, baseline: float) -> dict[str, float]:
+    """One line through every sparsity at once: (features per dimension - baseline) as a
+    fraction of its value at the first rate, against q. Baseline 0 gives the relative
+    decline; baseline 1 the decline of the excess over one feature per dimension (the
+    superposition proper). Sparsities not above the baseline at the first rate are left out."""
+    start_S11 = per_dim_SQR[:, :1].mean(axis=2, keepdims=True) - baseline
+    keep = start_S11[:, 0, 0] > 0
+    relative_SQR = (per_dim_SQR[keep] - baseline) / start_S11[keep]
     x = np.broadcast_to(q[None, :, None], relative_SQR.shape).reshape(-1)
     return _line_fit(x, relative_SQR.reshape(-1))
 
@@ -238,9 +243,10 @@ def dropout_summary(results: dict[str, Any]) -> list[str]:
         lines.append(f"S={fit['sparsity']:<6g} " + " ".join(f"{v:5.2f}" for v in row)
                      + f"   fit {fit['intercept']:.2f} {fit['slope']:+.2f} q (R^2 "
                      f"{fit['r2']:.2f})")
-    rel = results["relative_slope"]
-    lines.append(f"relative to no dropout: {rel['intercept']:.2f} {rel['slope']:+.2f} q "
-                 f"(R^2 {rel['r2']:.2f})")
+    for key, what in (("relative_fit", "as a fraction of the first rate's"),
+                      ("excess_fit", "excess over 1, as a fraction of the first rate's")):
+        fit = results[key]
+        lines.append(f"{what}: {fit['intercept']:.2f} {fit['slope']:+.2f} q (R^2 {fit['r2']:.2f})")
     return lines
 
 
