@@ -85,3 +85,5 @@ def finalise(folder: Path, n_shards: int, tokens: np.ndarray, header: dict[str, 
     })
     for i in range(n_shards):
         _sidecar(folder, i).unlink()
+    for stale in folder.glob(".*.tmp"):  # a killed run's half-written file (every rank is done)
+        stale.unlink(missing_ok=True)
