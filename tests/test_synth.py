@@ -15,6 +15,7 @@ from scipy.stats import multivariate_normal, norm
 import saelab
 from saelab.cli import main
 from saelab.toys.recovery import direction_recovery, support_scores
+from saelab.toys.store import SyntheticTruth
 from saelab.toys.synthetic import (
     SyntheticSpec,
     coherence,
@@ -24,7 +25,6 @@ from saelab.toys.synthetic import (
     sample,
     seeded,
 )
-from saelab.verbs.synth import SyntheticTruth
 from saelab.verbs.width_sweep import WidthSweepConfig, run_width_sweep
 
 

@@ -20,8 +20,8 @@ from saelab.errors import SaelabError
 from saelab.io import write_json
 from saelab.toys.plots import plot_width_sweep
 from saelab.toys.recovery import RECOVERED_COSINE, direction_recovery, support_scores
+from saelab.toys.store import SyntheticTruth
 from saelab.training import TrainConfig, train
-from saelab.verbs.synth import SyntheticTruth
 
 
 @dataclass(frozen=True, kw_only=True)
