@@ -81,3 +81,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory,
     tiny_hf_model("llama", tiny_tokenizer).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one thread: tiny tensors (the toy models) are fastest that way, and a
+    busy CI core stalls the others in every parallel region."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,6 +3,7 @@ recovery against the incoherence bound (Tropp 2004), and recovery scores by hand
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -25,15 +26,10 @@ from saelab.toys.synthetic import (
     sample,
     seeded,
 )
+from saelab.verbs.synth import SynthConfig, run_synth
 from saelab.verbs.width_sweep import WidthSweepConfig, run_width_sweep
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _draw(spec: SyntheticSpec, n: int):
@@ -66,6 +62,21 @@ def test_synth_writes_a_store_that_activation_store_reads(tmp_path, capsys):
     assert main([*args[:-2], "--noise", "0.02"]) == 2
     assert "another config" in capsys.readouterr().err
     assert json.loads((tmp_path / "synth.json").read_text())["config"]["noise"] == 0.01
+
+
+def test_synth_is_a_function_of_its_config(tmp_path):
+    """A store half gone (manifest and a shard deleted, as after a crash) is generated again
+    to the same bytes; another seed gives other bytes."""
+    cfg = SynthConfig(out=tmp_path / "a", d_model=16, n_features=40, k=3, tokens=3000,
+                      shard_tokens=1000, hierarchy=3)
+    first = run_synth(cfg).manifest
+    (tmp_path / "a" / "synthetic" / "manifest.json").unlink()
+    (tmp_path / "a" / "synthetic" / "acts_00001.npy").unlink()
+    again = run_synth(cfg).manifest
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in first["shards"]]
+    assert again["model_fingerprint"] == first["model_fingerprint"]
+    other = run_synth(dataclasses.replace(cfg, out=tmp_path / "b", seed=1)).manifest
+    assert other["shards"][0]["sha256"] != first["shards"][0]["sha256"]
 
 
 def test_independent_firing_matches_the_rates():

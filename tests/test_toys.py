@@ -25,20 +25,14 @@ from saelab.toys.measures import (
     measure,
     second_feature_phase,
 )
-from saelab.toys.model import Instances, ToyModel, importance_loss, train_toy
+from saelab.toys.model import Instances, ToyModel, dropout_scale, importance_loss, train_toy
 from saelab.verbs.toy import PhaseDiagramConfig, run_phase_diagram
 
 FAST = dict(steps=1500, lr=1e-2)
 N, M = 20, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors this small run fastest on one thread (and a busy CI core stalls the others)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _polygon(n: int) -> torch.Tensor:
@@ -77,6 +71,31 @@ def test_instances_do_not_interact():
     importance_loss(x, model(x), inst.importance)[0].backward()
     assert model.W_IFH.grad[0].abs().sum() > 0
     assert model.W_IFH.grad[1].abs().sum() == 0 and model.b_IF.grad[1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("where", ["hidden", "input"])
+def test_dropout_on_one_dense_feature_reaches_the_linear_optimum(where):
+    """n = m = 1, x ~ U[0, 1] always on, dropout q: the output w^2 x mask / (1 - q) + b stays
+    positive, so the optimum is the least-squares line of x on x * mask:
+    w^2 = (1 - q) / (1 + 3q), b = 2q / (1 + 3q). Four seeds per rate, the best by the loss
+    under dropout (a negative-bias solution is a poor local minimum)."""
+    rates = torch.tensor([0.2, 0.5]).repeat_interleave(4)
+    none = torch.zeros(8)
+    inst = Instances(torch.ones(8), torch.ones(8, 1), rates if where == "hidden" else none,
+                     rates if where == "input" else none)
+    model, _ = train_toy(inst, 1, progress=False, **FAST)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 1 << 15, 1, generator=gen)
+    with torch.no_grad():
+        keep = dropout_scale(rates, x.shape, gen, "cpu")
+        out = model(x, keep) if where == "hidden" else model(x * keep)
+        loss = importance_loss(x, out, inst.importance).reshape(2, 4)
+    best = loss.argmin(dim=1) + torch.tensor([0, 4])
+    q = torch.tensor([0.2, 0.5])
+    torch.testing.assert_close(model.W_IFH.detach()[best, 0, 0] ** 2, (1 - q) / (1 + 3 * q),
+                               atol=0.02, rtol=0)
+    torch.testing.assert_close(model.b_IF.detach()[best, 0], 2 * q / (1 + 3 * q), atol=0.02,
+                               rtol=0)
 
 
 @pytest.fixture(scope="module")

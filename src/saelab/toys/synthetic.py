@@ -72,6 +72,9 @@ class SyntheticSpec:
                                        ("--correlation", self.correlation > 0),
                                        ("--hierarchy", self.hierarchy > 0)) if on]
         _require(len(kinds) <= 1, "choose one firing structure", " and ".join(kinds))
+        _require(not (self.exact_k and self.frequency != "uniform"), "--exact-k draws features "
+                 "without replacement, which keeps only uniform rates exact",
+                 f"--exact-k with --frequency {self.frequency}")
         if self.hierarchy:
             _require(self.n_features % (self.hierarchy + 1) == 0 and
                      self.k / 2 <= self.n_features // (self.hierarchy + 1),
