@@ -208,6 +208,12 @@ def test_toy_dropout_cli_fits_a_line_per_sparsity(tmp_path, capsys):
     assert (out / "dropout.png").is_file() and (out / "dropout.svg").is_file()
 
 
-def test_toy_user_errors_exit_2(tmp_path, capsys):
-    assert main(["toy", "tms", "--out", str(tmp_path), "--sparsity", "1.5"]) == 2
-    assert "sparsity and dropout rates must be in [0, 1)" in capsys.readouterr().err
+@pytest.mark.parametrize(("args", "message"), [
+    (["tms", "--sparsity", "1.5"], "sparsity and dropout rates must be in [0, 1)"),
+    (["dropout", "--dropout", "0.2"], "needs at least two rates"),
+    (["phase-diagram", "--min-density", "0"], "grid is empty or out of range"),
+])
+def test_toy_user_errors_exit_2(tmp_path, capsys, args, message):
+    assert main(["toy", *args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

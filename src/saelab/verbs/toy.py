@@ -103,6 +103,13 @@ class DropoutConfig(TmsConfig):
     repeats: int = 4
     """Instances per (sparsity, rate), averaged."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(set(self.dropout)) < 2:
+            raise SaelabError("a dropout sweep needs at least two rates",
+                              expected="--dropout 0,0.1,...", found=f"{self.dropout}",
+                              fix="pass two or more rates")
+
 
 @dataclass(frozen=True, kw_only=True)
 class PhaseDiagramConfig(ToyTraining):
@@ -120,6 +127,17 @@ class PhaseDiagramConfig(ToyTraining):
     """Initialisations per cell; the one with the lowest loss is the cell's answer (a
     same-sign pair is a local minimum that catches some initialisations)."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (0 < self.min_density <= 1 and 0 < self.min_importance <= self.max_importance
+                and self.n_density >= 1 and self.n_importance >= 1):
+            raise SaelabError("the phase-diagram grid is empty or out of range",
+                              expected="0 < min density <= 1, 0 < min importance <= max "
+                              "importance, at least one cell a side",
+                              found=f"density {self.min_density} x{self.n_density}, importance "
+                              f"{self.min_importance}..{self.max_importance} "
+                              f"x{self.n_importance}", fix="change the grid flags")
+
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         density = torch.logspace(np.log10(self.min_density), 0, self.n_density)
         importance = torch.logspace(np.log10(self.min_importance),
@@ -129,7 +147,8 @@ class PhaseDiagramConfig(ToyTraining):
 
 def run_tms(cfg: TmsConfig) -> dict[str, Any]:
     """Train every (sparsity, dropout) instance; write measures, weights and plots."""
-    instances, model, m = _train_and_measure(cfg, cfg.instances(), cfg.d_hidden)
+    instances = cfg.instances()
+    model, m = _train_and_measure(cfg, instances, cfg.d_hidden)
     settings = itertools.product(cfg.sparsity, cfg.dropout, range(cfg.repeats))  # grid order
     rows = [{"sparsity": s, "dropout": q, "input_dropout": cfg.input_dropout, "repeat": r,
              **_instance_measures(m, i)} for i, (s, q, r) in enumerate(settings)]
@@ -145,7 +164,7 @@ def run_tms(cfg: TmsConfig) -> dict[str, Any]:
 
 def run_dropout(cfg: DropoutConfig) -> dict[str, Any]:
     """Sweep hidden dropout and sparsity; fit features-per-dimension against the rate."""
-    instances, model, m = _train_and_measure(cfg, cfg.instances(), cfg.d_hidden)
+    _, m = _train_and_measure(cfg, cfg.instances(), cfg.d_hidden)
     shape = (len(cfg.sparsity), len(cfg.dropout), cfg.repeats)
     per_dim_SQR = (m.n_represented.float() / cfg.d_hidden).reshape(shape).numpy()
     frob_SQR = (1 / m.dimensions_per_feature).reshape(shape).numpy()  # ||W||_F^2 / m
@@ -176,7 +195,7 @@ def run_phase_diagram(cfg: PhaseDiagramConfig) -> dict[str, Any]:
     n = D.numel()
     instances = Instances(D.reshape(-1), torch.stack([torch.ones(n), R.reshape(-1)], dim=1),
                           torch.zeros(n), torch.zeros(n))
-    _, model, m = _train_and_measure(cfg, instances, 1)
+    model, m = _train_and_measure(cfg, instances, 1)
     loss_DRX = expected_loss(model, instances).reshape(len(density), len(importance), -1)
     best_DR = loss_DRX.argmin(dim=2)
     pick = (torch.arange(len(density) * len(importance)) * cfg.repeats + best_DR.reshape(-1))
@@ -191,13 +210,13 @@ def run_phase_diagram(cfg: PhaseDiagramConfig) -> dict[str, Any]:
 
 
 def _train_and_measure(cfg: ToyTraining, instances: Instances, d_hidden: int
-                       ) -> tuple[Instances, ToyModel, ToyMeasures]:
+                       ) -> tuple[ToyModel, ToyMeasures]:
     write_json(cfg.out / "config.json", to_json(cfg))
     model, _ = cfg.train(instances, d_hidden)
     weights = save({"W": model.W_IFH.detach().cpu().contiguous(),
                     "b": model.b_IF.detach().cpu().contiguous()})
     atomic_write(cfg.out / "toy.safetensors", lambda f: f.write(weights))
-    return instances, model, measure(model.W_IFH.cpu())
+    return model, measure(model.W_IFH.cpu())
 
 
 def _instance_measures(m: ToyMeasures, i: int) -> dict[str, Any]:
