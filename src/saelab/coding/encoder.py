@@ -77,14 +77,17 @@ class LatentScale:
         return LatentScale(tensors["scale"])
 
 
-def fit_scale(sae: SAELike, x: Tensor, *, per_latent: bool = True,
+def fit_scale(sae: SAELike, x: Tensor, *, per_latent: bool = True, min_fires: int = 64,
               dtype: torch.dtype = torch.float32, max_iter: int = 200) -> LatentScale:
     """The scale s minimising ||x - b_dec - (s * z) W_dec||^2 over held-out activations x.
 
     Global: closed form. Per latent: the normal equations (Z'Z * G) s = h are n_latents
     wide, so they are solved by conjugate gradients from s = 1 using the sparse code for
     every product (B*k*d each); CG never increases the objective, so the fitted scale
-    reconstructs its fitting set at least as well as the encoder does.
+    reconstructs its fitting set at least as well as the encoder does. A latent active on
+    fewer than `min_fires` rows keeps scale 1: fitted from a handful of tokens its scale
+    overfits them (on Gemma 3 270M with 4096 held-out tokens, a free per-latent scale made
+    unseen tokens' FVU 4% worse than the encoder's own code).
     """
     d = as_dictionary(sae, dtype=dtype, device=x.device)
     x_BD = x.to(dtype)
@@ -105,15 +108,18 @@ def fit_scale(sae: SAELike, x: Tensor, *, per_latent: bool = True,
     h_L = torch.zeros(d.n_latents, dtype=x_BD.dtype, device=x_BD.device).index_add_(
         0, code.indices.reshape(-1),
         (v_BK * torch.einsum("bkd,bd->bk", rows_BKD, target_BD)).reshape(-1))
+    fires_L = torch.zeros_like(h_L).index_add_(0, code.indices.reshape(-1),
+                                               (v_BK != 0).to(h_L.dtype).reshape(-1))
+    free_L = (fires_L >= min_fires).to(h_L.dtype)  # CG on the subspace of these latents
     s_L = torch.ones_like(h_L)
-    r_L = h_L - normal_matvec(s_L)
+    r_L = (h_L - normal_matvec(s_L)) * free_L
     p_L, rr = r_L.clone(), r_L @ r_L
     eps = torch.finfo(h_L.dtype)
     tol = (100 * eps.eps) ** 2 * (h_L @ h_L).clamp(min=eps.tiny)
     for _ in range(max_iter):
         if rr <= tol:
             break
-        Ap_L = normal_matvec(p_L)
+        Ap_L = normal_matvec(p_L) * free_L
         alpha = rr / (p_L @ Ap_L)
         s_L, r_L = s_L + alpha * p_L, r_L - alpha * Ap_L
         rr, rr_old = r_L @ r_L, rr
