@@ -52,7 +52,7 @@ FULL = _Settings(cache_tokens=200_000, context_size=128, n_latents=4096, k=32,
                  train_tokens=1_000_000, batch_size=4096, lr_warmup_steps=20,
                  eval_tokens=4096, fit_tokens=4096, ks=(8, 16, 32, 64))
 QUICK = _Settings(cache_tokens=8_000, context_size=64, n_latents=1024, k=16,
-                  train_tokens=48_000, batch_size=1000, lr_warmup_steps=10, eval_tokens=504,
+                  train_tokens=48_000, batch_size=1000, lr_warmup_steps=10, eval_tokens=252,
                   fit_tokens=504, ks=(8, 16))
 
 
