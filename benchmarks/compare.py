@@ -14,7 +14,9 @@ No peer library runs this comparison (none decomposes a pretrained dictionary wi
 splices the result back in; see ../shared/REFERENCES.md), so the table has no peer rows; the
 coders' own speed against scikit-learn and dictionary_learning is in benchmarks/coding.py.
 
-It prints a table and writes JSON (`--out`).
+The machine's cores are shared: each row also records the share of the CPU other processes
+took while it was timed (from /proc/stat, less this process's own time). It prints a table and
+writes JSON (`--out`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import argparse
 import datetime
 import json
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -46,6 +49,31 @@ from saelab.verbs.train import TrainCommand, run_train
 
 THREADS = 2
 DEFAULT_OUT = Path(__file__).parent / "results" / "compare.json"
+
+
+class CpuWatch:
+    """The share of the machine's CPU other processes took since this watch was made."""
+
+    def __init__(self) -> None:
+        self.busy0, self.total0, self.own0 = *_machine_cpu_s(), _own_cpu_s()
+
+    def others_share(self) -> float:
+        busy1, total1 = _machine_cpu_s()
+        others = (busy1 - self.busy0) - (_own_cpu_s() - self.own0)
+        return max(0.0, others / max(total1 - self.total0, 1e-9))
+
+
+def _machine_cpu_s() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:
@@ -69,24 +97,30 @@ def run(quick: bool, work: Path) -> dict[str, Any]:
     s = QUICK if quick else FULL
     rows: list[dict[str, Any]] = []
 
-    def row(stage: str, seconds: float, tokens: int | None = None, **extra: Any) -> None:
+    def row(stage: str, seconds: float, watch: CpuWatch, tokens: int | None = None,
+            **extra: Any) -> None:
+        others = watch.others_share()
         rows.append({"stage": stage, "seconds": seconds, "tokens": tokens,
-                     "tokens_per_s": tokens / seconds if tokens else None, **extra})
-        print(f"  {stage}: {seconds:.2f} s", flush=True)
+                     "tokens_per_s": tokens / seconds if tokens else None,
+                     "others_cpu_share": others, **extra})
+        print(f"  {stage}: {seconds:.2f} s (others took {others:.0%} of the CPU)", flush=True)
 
     saelab.load_model("gemma-3-270m")  # convert once, outside the timing
+    watch = CpuWatch()
     seconds, lm = timed(lambda: saelab.load_model("gemma-3-270m"), 3)
-    row("load (cached)", seconds)
+    row("load (cached)", seconds, watch)
     cache_cfg = saelab.CacheConfig(out=work / "activations", tokens=s.cache_tokens,
                                    context_size=s.context_size)
+    watch = CpuWatch()
     seconds, stores = timed(lambda: saelab.cache_activations(cache_cfg, lm))
     store = stores[SITE]
-    row("cache", seconds, len(store))
+    row("cache", seconds, watch, len(store))
+    watch = CpuWatch()
     seconds, sae = timed(lambda: run_train(TrainCommand(
         activations=store.path, out=work / "sae", architecture="topk", n_latents=s.n_latents,
         k=s.k, tokens=s.train_tokens, batch_size=s.batch_size,
         lr_warmup_steps=s.lr_warmup_steps)))
-    row("train", seconds, s.train_tokens)
+    row("train", seconds, watch, s.train_tokens)
 
     cfg = CompareConfig(sae=str(work / "sae"), out=work / "compare", site=SITE,
                         tokens=s.eval_tokens, fit_tokens=s.fit_tokens,
@@ -102,24 +136,27 @@ def run(quick: bool, work: Path) -> dict[str, Any]:
 
     plain, clean_t, splice_t = 0.0, 0.0, 0.0
     cleans = []
+    watch = CpuWatch()  # one watch for the three interleaved rows
     for ids in batches:
         plain += timed(lambda ids=ids: lm.logits(ids))[0]
         t, clean = timed(lambda ids=ids: clean_pass(lm, SITE, ids))
         clean_t += t
         splice_t += timed(lambda c=clean: spliced_loss(lm, SITE, c, c.activations))[0]
         cleans.append(clean)
-    row("plain forward (logits only)", plain, n_tokens)
-    row("clean pass (read site, log-probs)", clean_t, n_tokens,
+    row("plain forward (logits only)", plain, watch, n_tokens)
+    row("clean pass (read site, log-probs)", clean_t, watch, n_tokens,
         overhead=clean_t / plain - 1)
-    row("spliced pass (identity, CE + KL)", splice_t, n_tokens, overhead=splice_t / plain - 1)
+    row("spliced pass (identity, CE + KL)", splice_t, watch, n_tokens,
+        overhead=splice_t / plain - 1)
 
     x = torch.cat([c.activations.reshape(-1, c.activations.shape[-1]) for c in cleans]).float()
     k = max(1, round(float(Coder(sae, "encoder")(held_out).l0().double().mean())))
     for coder in ("encoder", "encoder-refit", "encoder-scaled", "mp", "gp", "omp"):
         c = Coder(sae, coder, k=k if coder in ("mp", "gp", "omp") else None, scale=scale)
+        watch = CpuWatch()
         seconds, _ = timed(lambda c=c: c(x))
         row(f"code: {coder}" + (f" k={k}" if coder in ("mp", "gp", "omp") else ""), seconds,
-            coded)
+            watch, coded)
     n_rows = 3 + 3 * len(set(s.ks) | {k})
     return {"rows": rows, "settings": s.__dict__, "matched_k": k,
             "compare_rows": n_rows, "passes_per_batch": n_rows + 2,
@@ -134,19 +171,23 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     rate = gemm_rate()
     print(f"float32 GEMM: {rate / 1e9:.0f} GFLOP/s on {THREADS} threads", flush=True)
+    watch = CpuWatch()
     with tempfile.TemporaryDirectory() as work:
         result = run(args.quick, Path(work))
+    others = watch.others_share()
     params = 268e6 - 262144 * 640  # Gemma 3 270M without the embedding (read by index)
     floor_tok_s = rate / (2 * (params + 262144 * 640))  # blocks + LM head (tied embedding)
-    print(f"\n{'stage':<36} {'seconds':>9} {'tokens/s':>10} {'vs plain':>9}")
+    print(f"\nother processes took {others:.0%} of the CPU over the whole run")
+    print(f"{'stage':<36} {'seconds':>9} {'tokens/s':>10} {'vs plain':>9} {'others CPU':>10}")
     for r in result["rows"]:
         tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else ""
         over = f"{r['overhead']:+.1%}" if "overhead" in r else ""
-        print(f"{r['stage']:<36} {r['seconds']:>9.2f} {tps:>10} {over:>9}")
+        print(f"{r['stage']:<36} {r['seconds']:>9.2f} {tps:>10} {over:>9} "
+              f"{r['others_cpu_share']:>10.0%}")
     print(f"floor: a forward pass at the GEMM rate {floor_tok_s:,.0f} tokens/s; "
           f"compare runs {result['passes_per_batch']} passes per batch for "
           f"{result['compare_rows']} rows (clean once), not {result['naive_passes_per_batch']}")
-    result.update({"gemm_gflops": rate / 1e9, "floor_forward_tokens_per_s": floor_tok_s,
+    result.update({"others_cpu_share": others, "gemm_gflops": rate / 1e9, "floor_forward_tokens_per_s": floor_tok_s,
                    "threads": THREADS, "quick": args.quick, "machine": platform.machine(),
                    "torch": torch.__version__, "saelab": saelab.__version__,
                    "date": datetime.date.today().isoformat(),

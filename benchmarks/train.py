@@ -5,12 +5,9 @@ One run trains a TopK SAE (n_latents 16384, d_model 640, k 32, batches of 4096 r
 subprocess so its peak RSS (`ru_maxrss`) is its own:
 
 - saelab: `saelab.train(TrainConfig(architecture="topk", ...), tensor)`, its real `_step`
-  timed by wrapping it in place;
-- saelab (proposed): the same `saelab.train` call with `_step` swapped for the prototype in
-  this file (sparse decoder, sparse encoder backward, no dense [batch, n_latents] codes,
-  fused Adam, AuxK over the dead latents only); "bf16 select" also picks the top k from a
-  bf16 GEMM and recomputes the picked pre-activations in float32. The check (on in a full
-  run) compares their gradients and losses with the real step's;
+  timed by wrapping it in place: `TopKSAE.loss` through `sparse_topk.TopKAutoencode` (one
+  dense GEMM, the encoder's forward; sparse decoder and hand-written sparse backward, no
+  dense [batch, n_latents] codes; AuxK over the dead latents' columns only), fused Adam;
 - EleutherAI sparsify (`SparseCoder` and the step its `Trainer` takes), SAELens
   (`TopKTrainingSAE.training_forward_pass` and the step its `SAETrainer` takes, dense and
   with `use_sparse_activations`), dictionary_learning (`TopKTrainer.update`), and a dense
@@ -34,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import importlib.metadata
 import json
 import math
@@ -45,7 +41,6 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,8 +70,6 @@ SAELENS_EXTRA_PATH = ROOT.parent / ".venv-bench" / "peer-paths" / "transformer-l
 ROWS: dict[str, str] = {  # worker name -> table label, in table order
     "sparsify": "EleutherAI sparsify",
     "saelab": "saelab",
-    "saelab_proposed": "saelab (proposed)",
-    "saelab_proposed_bf16": "saelab (proposed, bf16 select)",
     "sae_lens": "SAELens",
     "sae_lens_sparse": "SAELens (sparse acts)",
     "dictionary_learning": "dictionary_learning",
@@ -210,7 +203,7 @@ def time_steps(step: Callable[[int, Tensor], Any], pool: Tensor, plan: Plan) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# saelab: the real step, through saelab.train, and the proposed step
+# saelab: the real step, through saelab.train
 # ---------------------------------------------------------------------------------------------
 
 def saelab_config(steps: int, **overrides: Any) -> Any:
@@ -222,27 +215,18 @@ def saelab_config(steps: int, **overrides: Any) -> Any:
     return saelab.TrainConfig(**fields)
 
 
-def saelab_step_fn(name: str) -> Callable[..., dict[str, float]]:
-    """The step function of a saelab row: the real `_step`, or the proposed one."""
-    from saelab.training import trainer
-
-    if name == "saelab_proposed_bf16":
-        return functools.partial(proposed_step, bf16_select=True)
-    return proposed_step if name == "saelab_proposed" else trainer._step
-
-
-def run_saelab(pool: Tensor, plan: Plan, name: str) -> dict[str, Any]:
+def run_saelab(pool: Tensor, plan: Plan) -> dict[str, Any]:
     """`saelab.train` on the pool as one tensor, with `_step` (and `_batch`) timed in place.
 
-    The loop, the data path and the step are saelab's own; only the timers are added (and,
-    for the proposed row, `_step` is swapped for `proposed_step`). Step time is `_step` alone,
-    as for the peers; `_batch` (gathering, checking and scaling the rows) is kept apart.
+    The loop, the data path and the step are saelab's own; only the timers are added. Step
+    time is `_step` alone, as for the peers; `_batch` (gathering, checking and scaling the
+    rows) is kept apart.
     """
     import saelab
     from saelab.training import trainer
 
-    step_fn, dead_L = saelab_step_fn(name), dead_latents(plan.dead)
-    real_batch = trainer._batch
+    dead_L = dead_latents(plan.dead)
+    real_step, real_batch = trainer._step, trainer._batch
     watch, step_s, batch_s = CpuWatch(), [], []
     n_total = plan.warmup + plan.steps
 
@@ -258,7 +242,7 @@ def run_saelab(pool: Tensor, plan: Plan, name: str) -> dict[str, Any]:
         if len(step_s) == plan.warmup:
             watch.start()
         t0 = time.perf_counter()
-        out = step_fn(*a, **kw)
+        out = real_step(*a, **kw)
         step_s.append(time.perf_counter() - t0)
         if len(step_s) == n_total:
             watch.stop()
@@ -270,271 +254,6 @@ def run_saelab(pool: Tensor, plan: Plan, name: str) -> dict[str, Any]:
     return {"warmup_s": step_s[:plan.warmup], "step_s": step_s[plan.warmup:],
             "batch_s": batch_s[plan.warmup:], "others_cpu_share": watch.share,
             "rss_before_mb": rss_before}
-
-
-@dataclass
-class _Buffers:
-    """What the proposed step keeps between steps: the big buffers (allocating 268 MB per
-    step costs ~60 ms of page faults on this machine) and a fused Adam."""
-
-    pre_BL: Tensor  # [B, n_latents] pre-activations (float32 or bf16), overwritten each step
-    grad_LD: Tensor  # [n_latents, d_model] W_enc's gradient before its transpose
-    optimizer: torch.optim.Adam
-
-
-def _buffers(state: Any, batch: int, dtype: torch.dtype) -> _Buffers:
-    """The proposed step's buffers for this training state, made on its first step.
-    (In saelab proper the fused Adam would be made in `_fresh` and checkpointed as now.)"""
-    if not hasattr(state, "proposed_buffers"):
-        sae = state.sae
-        fused = torch.optim.Adam(sae.parameters(), lr=state.optimizer.param_groups[0]["lr"],
-                                 fused=True)
-        saved = state.optimizer.state_dict()  # Adam state carries over; the flags do not
-        fused.load_state_dict({**saved, "param_groups": fused.state_dict()["param_groups"]})
-        state.optimizer = fused
-        for p in sae.parameters():
-            p.grad = torch.zeros_like(p)
-        state.proposed_buffers = _Buffers(
-            sae.W_enc.new_empty(batch, sae.n_latents, dtype=dtype),
-            sae.W_dec.new_empty(sae.n_latents, sae.d_model), fused)
-    return state.proposed_buffers
-
-
-def _by_latent(idx_BK: Tensor, n_latents: int) -> tuple[Tensor, Tensor, Tensor]:
-    """CSR layout of the [n_latents, B] matrix with entries at (idx[b, j], b): row pointers,
-    token of each entry, and the order that takes [B, k] values to the entries.
-
-    A sparse-dense product S @ M [B, D] sums, for every latent, the rows of M of the tokens
-    it fired on, weighted by S's values: that is dW_dec (values: activations, M: dL/dx_hat)
-    and dW_enc^T (values: dL/dpre, M: the centred input), each one MKL sparse mm instead of a
-    dense [B, n_latents] x [B, D] GEMM or a [B, k, D] intermediate.
-    """
-    flat = idx_BK.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    crow = torch.zeros(n_latents + 1, dtype=torch.int64)
-    torch.cumsum(torch.bincount(flat, minlength=n_latents), 0, out=crow[1:])
-    return crow, order // idx_BK.shape[1], order
-
-
-def _sparse_t_mm_(out: Tensor, layout: tuple[Tensor, Tensor, Tensor], values_BK: Tensor,
-                  dense_BD: Tensor, accumulate: bool) -> None:
-    """out (+)= S^T dense, S the sparse [B, n_latents] matrix of `values_BK` at `layout`.
-
-    `torch.addmm(..., out=)` with a CSR first argument goes to MKL's sparse mm (about 4 ms
-    here); `S @ dense` takes a slower path (about 25 ms)."""
-    crow, col, order = layout
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        S = torch.sparse_csr_tensor(crow, col, values_BK.reshape(-1)[order],
-                                    size=(out.shape[0], dense_BD.shape[0]))
-    torch.addmm(out, S, dense_BD, beta=1.0 if accumulate else 0.0, out=out)
-
-
-def _sparse_decode(idx_BK: Tensor, acts_BK: Tensor, W_dec: Tensor) -> tuple[Tensor, Callable]:
-    """sum_j acts[b, j] W_dec[idx[b, j]] (embedding_bag: no [B, k, D] gather), and a function
-    of dL/d(output) giving dL/d(acts) (embedding_bag's per-sample-weight backward)."""
-    with torch.enable_grad():
-        acts = acts_BK.detach().requires_grad_()
-        out_BD = F.embedding_bag(idx_BK, W_dec.detach(), per_sample_weights=acts, mode="sum")
-
-    def grad_acts(grad_BD: Tensor) -> Tensor:
-        return torch.autograd.grad(out_BD, acts, grad_BD)[0]
-
-    return out_BD.detach(), grad_acts
-
-
-def _exact_preacts(xc_BD: Tensor, W_enc: Tensor, b_enc: Tensor, idx_BC: Tensor
-                   ) -> tuple[Tensor, Tensor]:
-    """float32 pre-activations at C given latents per token (SDDMM: B*C dot products, not a
-    [B, n_latents] GEMM), with the latents sorted per row as the CSR pattern needs them."""
-    idx_BC = idx_BC.sort(dim=1).values
-    B, C = idx_BC.shape
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        pattern = torch.sparse_csr_tensor(torch.arange(0, B * C + 1, C), idx_BC.reshape(-1),
-                                          xc_BD.new_ones(B * C), size=(B, W_enc.shape[1]))
-        dots = torch.sparse.sampled_addmm(pattern, xc_BD, W_enc, beta=0.0).values()
-    return dots.view(B, C) + b_enc[idx_BC], idx_BC
-
-
-def _encode_topk(sae: Any, xc_BD: Tensor, pre_BL: Tensor, bf16_select: bool
-                 ) -> tuple[Tensor, Tensor]:
-    """(top-k pre-activations, their latents); `pre_BL` is left holding the pre-activations.
-
-    float32: one GEMM into the reused buffer, then top-k. bf16_select: the GEMM in bf16
-    (about 3x faster on this AVX512-BF16 CPU), its top 2k as candidates, their exact float32
-    pre-activations by SDDMM, top-k of those: values are float32-exact, the selection can
-    differ from float32's only when the k-th and the (2k+1)-th differ by less than bf16's
-    rounding (`--check` counts such rows).
-    """
-    W_enc, b_enc, k = sae.W_enc, sae.b_enc, sae.k
-    if not bf16_select:
-        torch.addmm(b_enc, xc_BD, W_enc, out=pre_BL)
-        return pre_BL.topk(k, dim=1, sorted=False)
-    torch.addmm(b_enc.bfloat16(), xc_BD.bfloat16(), W_enc.bfloat16(), out=pre_BL)
-    cand_BC = pre_BL.topk(2 * k, dim=1, sorted=False).indices
-    vals_BC, cand_BC = _exact_preacts(xc_BD, W_enc, b_enc, cand_BC)
-    top_BK, j_BK = vals_BC.topk(k, dim=1, sorted=False)
-    return top_BK, cand_BC.gather(1, j_BK)
-
-
-@torch.no_grad()
-def proposed_step(state: Any, config: Any, x: Tensor, variance: float, world: Any, *,
-                  bf16_select: bool = False) -> dict[str, float]:
-    """saelab's `_step` for TopK with sparse forward and hand-written sparse backward.
-
-    Same loss (MSE + AuxK / 32, over the data variance), same gradients (checked by
-    `--check`), same decoder-norm handling, dead-latent bookkeeping and metrics; what
-    changes is the cost: one dense GEMM (the encoder's forward) instead of six, no dense
-    [B, n_latents] codes or gradient tensors, AuxK's top-k_aux only when a latent is dead
-    (and then over the dead columns only), a reused pre-activation buffer, fused Adam. dL/dx is never formed: x is data, and b_dec's share through the encoder is
-    -W_enc @ dL/db_enc. `bf16_select` picks the latents from a bf16 GEMM (`_encode_topk`).
-    """
-    from saelab.saes.topk import AUXK_WEIGHT
-    from saelab.training.trainer import _lr
-
-    assert world.size == 1, "prototype: one process (the all-reduce would be as in _step)"
-    sae, step = state.sae, state.step
-    W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
-    B, L = x.shape[0], sae.n_latents
-    buf = _buffers(state, B, torch.bfloat16 if bf16_select else torch.float32)
-    dead_L = state.since_fired_L >= config.dead_tokens
-    scale = 2.0 / (B * variance)  # d(sum_d err^2 mean_b / variance) / d err
-
-    xc_BD = x - b_dec
-    pre_BL = buf.pre_BL
-    top_BK, idx_BK = _encode_topk(sae, xc_BD, pre_BL, bf16_select)
-    act_BK = top_BK.clamp(min=0)
-    dec_BD, dec_grad = _sparse_decode(idx_BK, act_BK, W_dec)
-    x_hat_BD = dec_BD + b_dec
-    err_BD = x_hat_BD - x
-    mse = err_BD.pow(2).sum(dim=1).mean()
-    g_xhat_BD = err_BD * scale
-    g_pre_BK = dec_grad(g_xhat_BD) * (top_BK > 0)
-    layout = _by_latent(idx_BK, L)
-
-    aux = x.new_zeros(())
-    aux_parts = None
-    n_dead = int(dead_L.sum())
-    if n_dead:  # AuxK: the dead latents' top pre-activations rebuild the residual
-        k_aux = min(sae.d_model // 2, n_dead)
-        dead_idx = dead_L.nonzero().squeeze(1)  # top-k over the dead columns only
-        if bf16_select:  # their float32 pre-activations: a GEMM n_dead / n_latents the size
-            pre_BN = torch.addmm(b_enc[dead_idx], xc_BD, W_enc[:, dead_idx])
-        else:
-            pre_BN = pre_BL.index_select(1, dead_idx)
-        atop_BK, j_BK = pre_BN.topk(k_aux, dim=1, sorted=False)
-        aidx_BK = dead_idx[j_BK]
-        aact_BK = atop_BK.clamp(min=0)
-        ehat_BD, aux_grad = _sparse_decode(aidx_BK, aact_BK, W_dec)
-        diff_BD = ehat_BD + err_BD  # e_hat - (x - x_hat)
-        aux = diff_BD.pow(2).sum(dim=1).mean()
-        g_ehat_BD = diff_BD * (scale * AUXK_WEIGHT)
-        aux_parts = (_by_latent(aidx_BK, L), aact_BK, g_ehat_BD,
-                     aux_grad(g_ehat_BD) * (atop_BK > 0), aidx_BK)
-
-    # Gradients, written into the .grad buffers (no zero_grad, no dense intermediates).
-    _sparse_t_mm_(W_dec.grad, layout, act_BK, g_xhat_BD, accumulate=False)
-    _sparse_t_mm_(buf.grad_LD, layout, g_pre_BK, xc_BD, accumulate=False)
-    b_enc.grad.zero_().index_add_(0, idx_BK.reshape(-1), g_pre_BK.reshape(-1))
-    if aux_parts is not None:
-        alayout, aact_BK, g_ehat_BD, ag_pre_BK, aidx_BK = aux_parts
-        _sparse_t_mm_(W_dec.grad, alayout, aact_BK, g_ehat_BD, accumulate=True)
-        _sparse_t_mm_(buf.grad_LD, alayout, ag_pre_BK, xc_BD, accumulate=True)
-        b_enc.grad.index_add_(0, aidx_BK.reshape(-1), ag_pre_BK.reshape(-1))
-    W_enc.grad.copy_(buf.grad_LD.T)
-    torch.sum(g_xhat_BD, dim=0, out=b_dec.grad)
-    b_dec.grad.addmv_(W_enc, b_enc.grad, alpha=-1.0)  # through x - b_dec
-
-    # As _step: no radial gradient on decoder rows, Adam, rows back to unit norm.
-    g_LD = W_dec.grad
-    g_LD.addcmul_(torch.linalg.vecdot(g_LD, W_dec).unsqueeze(1), W_dec, value=-1.0)
-    for group in buf.optimizer.param_groups:
-        group["lr"] = _lr(config, step)
-    buf.optimizer.step()
-    W_dec.div_(torch.linalg.vector_norm(W_dec, dim=1, keepdim=True).clamp_(min=1e-8))
-
-    fired_L = torch.zeros(L, dtype=torch.bool)
-    fired_L[idx_BK[top_BK > 0]] = True
-    state.since_fired_L = torch.where(fired_L, 0, state.since_fired_L + config.batch_size)
-    fvu = err_BD.pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp(min=1e-30)
-    loss = mse + AUXK_WEIGHT * aux
-    return {"step": step + 1, "tokens": (step + 1) * config.batch_size, "loss": float(loss),
-            "mse": float(mse), "auxk": float(aux), "fvu": float(fvu),
-            "l0": float((top_BK > 0).sum(dim=1).float().mean()),
-            "dead_fraction": float(dead_L.float().mean()), "lr": _lr(config, step)}
-
-
-def check_proposed(seed: int = 1) -> dict[str, Any]:
-    """The proposed steps against saelab's `_step` on a small SAE (d_model 64, 1024 latents,
-    k 8, batch 512), with no dead latents and with half of them marked dead (AuxK runs).
-
-    One step at lr 0 (both see the same weights): the steps leave their gradients (after the
-    radial projection) in `.grad`; the largest difference of each, relative to its largest
-    entry, and the metrics' relative differences. Then 30 steps at lr 1e-3 from the same
-    start: the largest relative difference of the loss along the way (fused vs for-loop
-    Adam, float sums in another order). And the bf16 selection's agreement with float32 at full size.
-    """
-    from saelab.training.data import TrainingData
-    from saelab.training.distributed import World
-    from saelab.training.trainer import _fresh, _step
-
-    d, n, k, b = 64, 1024, 8, 512
-    g = torch.Generator().manual_seed(seed)
-    data = TrainingData(torch.randn(8 * b, d, generator=g) + 0.3)
-    variance = data.variance * data.norm_scale**2
-    xs = [data.rows(torch.arange(i * b, (i + 1) * b).numpy()) * data.norm_scale
-          for i in range(8)]
-    out: dict[str, Any] = {}
-    for variant in ("saelab_proposed", "saelab_proposed_bf16"):
-        fn = saelab_step_fn(variant)
-        for case, dead_every in (("no dead", 0), ("half dead (AuxK)", 2)):
-            cfg = saelab_config(3, n_latents=n, k=k, batch_size=b, lr=0.0, d_model=d)
-            states = [_fresh(cfg, data), _fresh(cfg, data)]
-            for s in states:
-                if dead_every:
-                    s.since_fired_L[::dead_every] = cfg.dead_tokens
-            m_real = _step(states[0], cfg, xs[0], variance, World(0, 1))
-            m_prop = fn(states[1], cfg, xs[0], variance, World(0, 1))
-            grads = {}
-            for (name, p_real), p_prop in zip(states[0].sae.named_parameters(),
-                                              states[1].sae.parameters(), strict=True):
-                scale = float(p_real.grad.abs().max()) or 1.0
-                grads[name] = float((p_real.grad - p_prop.grad).abs().max()) / scale
-            metrics = {key: abs(m_real[key] - m_prop[key]) / max(abs(m_real[key]), 1e-12)
-                       for key in ("loss", "auxk", "fvu", "l0")}
-            out[f"{variant}, {case}"] = {"grad_max_rel_diff": grads,
-                                         "metric_rel_diff": metrics}
-        cfg = saelab_config(30, n_latents=n, k=k, batch_size=b, lr=1e-3, d_model=d,
-                            lr_warmup_steps=1)
-        losses = []
-        for step_fn in (_step, fn):
-            state, curve = _fresh(cfg, data), []
-            for i in range(30):
-                curve.append(step_fn(state, cfg, xs[i % len(xs)], variance, World(0, 1))["loss"])
-                state.step += 1
-            losses.append(curve)
-        out[f"{variant}, 30 steps lr 1e-3: max loss rel diff"] = max(
-            abs(a - b) / a for a, b in zip(*losses, strict=True))
-    out["bf16 select: rows whose top-k set equals float32's"] = _check_bf16_selection()
-    return out
-
-
-def _check_bf16_selection() -> float:
-    """Fraction of the first benchmark batch's rows (full-size SAE at its initialisation)
-    where the bf16-candidate selection picks exactly float32's top-k latents."""
-    from saelab.training.data import TrainingData
-    from saelab.training.trainer import _fresh
-
-    pool = make_pool(1)
-    data = TrainingData(pool[0])
-    sae = _fresh(saelab_config(1), data).sae
-    xc = pool[0] * data.norm_scale - sae.b_dec.detach()
-    with torch.no_grad():
-        exact = (xc @ sae.W_enc + sae.b_enc).topk(K, dim=1).indices.sort(dim=1).values
-        _, idx = _encode_topk(sae, xc, torch.empty(BATCH, N_LATENTS, dtype=torch.bfloat16),
-                              bf16_select=True)
-    return float((idx.sort(dim=1).values == exact).all(dim=1).float().mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -703,16 +422,15 @@ def measure_gemm(reps: int) -> dict[str, Any]:
             "floor_tokens_per_s": BATCH / best, "three_gemm_tokens_per_s": BATCH / (3 * best)}
 
 
-def profile_step(which: str, pool: Tensor, plan: Plan, top: int = 25) -> dict[str, Any]:
-    """torch.profiler over up to 5 steps of saelab's `_step` (or the proposed one), driven
-    directly after `plan.warmup` warm-up steps: ops by self CPU time, ms per step."""
+def profile_step(pool: Tensor, plan: Plan, top: int = 25) -> dict[str, Any]:
+    """torch.profiler over up to 5 steps of saelab's `_step`, driven directly after
+    `plan.warmup` warm-up steps: ops by self CPU time, ms per step."""
     from torch.profiler import ProfilerActivity, profile
 
     from saelab.training.data import TrainingData
     from saelab.training.distributed import World
-    from saelab.training.trainer import _fresh
+    from saelab.training.trainer import _fresh, _step
 
-    fn = saelab_step_fn(which)
     cfg = saelab_config(plan.warmup + min(plan.steps, 5))
     data = TrainingData(pool.reshape(-1, D_MODEL))
     state = _fresh(cfg, data)
@@ -722,7 +440,7 @@ def profile_step(which: str, pool: Tensor, plan: Plan, top: int = 25) -> dict[st
     def run(n: int) -> float:
         t0 = time.perf_counter()
         for _ in range(n):
-            fn(state, cfg, xs[state.step % len(xs)], variance, World(0, 1))
+            _step(state, cfg, xs[state.step % len(xs)], variance, World(0, 1))
             state.step += 1
         return time.perf_counter() - t0
 
@@ -751,13 +469,11 @@ def worker(name: str, plan: Plan) -> dict[str, Any]:
     torch.set_num_threads(THREADS)
     if name == "gemm":
         return measure_gemm(plan.gemm_reps)
-    if name == "check":
-        return check_proposed()
     pool = make_pool(plan.pool)
-    if name.startswith("profile:"):
-        return profile_step(name.split(":", 1)[1], pool, plan)
-    if name.startswith("saelab"):
-        result = run_saelab(pool, plan, name)
+    if name == "profile":
+        return profile_step(pool, plan)
+    if name == "saelab":
+        result = run_saelab(pool, plan)
     else:
         step, notes = peer_step(name, plan)
         rss_before = _rss_mb()
@@ -856,10 +572,10 @@ def format_table(rows: dict[str, dict[str, Any]], floor: dict[str, Any],
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
 
-def format_profile(name: str, prof: dict[str, Any], top: int = 15) -> str:
+def format_profile(prof: dict[str, Any], top: int = 15) -> str:
     """The profile's top ops by self CPU time."""
     others = prof.get("others_cpu_share")
-    out = [f"profile of {ROWS.get(name, name)}: {prof['ms_per_step_profiled']:.0f} ms/step "
+    out = [f"profile of saelab's _step: {prof['ms_per_step_profiled']:.0f} ms/step "
            f"under the profiler (others took {others or 0:.0%} of the CPU); top ops by self "
            "CPU time (ms per step):"]
     for op in prof["ops"][:top]:
@@ -905,20 +621,6 @@ def _contended(run: dict[str, Any]) -> bool:
     return share is not None and share > CONTENDED
 
 
-def format_check(check: dict[str, Any]) -> str:
-    """One line per check: the worst gradient and metric differences."""
-    if "error" in check:
-        return f"check failed: {check['error']}"
-    out = ["check (proposed vs saelab's _step; relative differences):"]
-    for key, value in check.items():
-        if isinstance(value, dict) and "grad_max_rel_diff" in value:
-            out.append(f"  {key}: gradients {max(value['grad_max_rel_diff'].values()):.1e}, "
-                       f"metrics {max(value['metric_rel_diff'].values()):.1e}")
-        elif isinstance(value, float) and key != "wall_s":
-            out.append(f"  {key}: {value:.3g}")
-    return "\n".join(out)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     plan = Plan.from_args(args)
@@ -943,14 +645,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         result["auxk_plan"] = dataclasses.asdict(aux_plan)
         result["auxk_rows"] = run_section(aux_plan, [n for n in names if n != "dense"], args,
                                           floor)
-    if args.check or not args.quick:
-        log("check: proposed steps vs saelab's _step (gradients and metrics)")
-        result["check"] = run_worker("check", plan, args)
     if args.profile:
-        result["profile"] = {}
-        for name in ("saelab", "saelab_proposed", "saelab_proposed_bf16"):
-            log(f"profiling {ROWS[name]}")
-            result["profile"][name] = run_measured(f"profile:{name}", plan, args)
+        log("profiling saelab's step")
+        result["profile"] = run_measured("profile", plan, args)
     env["loadavg_end"] = os.getloadavg()
     result["table"] = format_table(result["rows"], floor)
     print(f"TopK SAE training, n_latents {N_LATENTS}, d_model {D_MODEL}, k {K}, batch {BATCH}, "
@@ -967,10 +664,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"\nAuxK on: half the latents dead at every step, {aux_plan.steps} timed steps "
               f"after {aux_plan.warmup} warm-up:")
         print(result["auxk_table"])
-    for name, prof in result.get("profile", {}).items():
-        print("\n" + (format_profile(name, prof) if "ops" in prof else f"{name}: {prof}"))
-    if "check" in result:
-        print("\n" + format_check(result["check"]))
+    if "profile" in result:
+        prof = result["profile"]
+        print("\n" + (format_profile(prof) if "ops" in prof else f"profile: {prof}"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     log(f"wrote {args.out}")
@@ -980,15 +676,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 warm-up + 2 timed steps per row, no check")
+                        help="smoke run: 1 warm-up + 2 timed steps per row")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per row")
     parser.add_argument("--only", nargs="+", choices=list(ROWS), default=None,
                         help="rows to run (default: all)")
-    parser.add_argument("--check", action="store_true",
-                        help="compare the proposed step with _step (always on in a full run)")
     parser.add_argument("--profile", action="store_true",
-                        help="torch.profiler breakdown of saelab's step and the proposed one")
+                        help="torch.profiler breakdown of saelab's step")
     parser.add_argument("--dead-fraction", type=float, default=0.0,
                         help="main section: fraction of latents held dead (AuxK on); default 0")
     parser.add_argument("--skip-auxk", action="store_true",
