@@ -12,6 +12,8 @@ from torch.testing import assert_close
 
 import saelab.coding as sc
 from saelab import SaelabError
+from saelab.coding import pursuit
+from saelab.coding.correlations import BlockedGram, Correlations
 from saelab.saes import TopKSAE
 
 PURSUITS = ["mp", "gp", "omp"]
@@ -131,6 +133,72 @@ def test_gram_path_chunking_and_dtype_agree(method):
         assert_close(other.to_dense(300), base.to_dense(300), atol=1e-9, rtol=0)
     single = sc.decompose(x.float(), W.float(), method, k=10)
     assert_close(single.to_dense(300).double(), base.to_dense(300), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_blocked_correlations_match_dense_float64(nonnegative):
+    """Blocks of 16 over 300 latents (the last one padded): the Gram update, the gather and
+    the selection against dense numpy."""
+    W, r = unit_dictionary(300, 40), gaussian(64, 40)
+    gram = BlockedGram(W, width=16)
+    c = Correlations.of(r, W, gram)
+    G, dense = (W @ W.T).numpy(), (r @ W.T).numpy()
+    g = torch.Generator().manual_seed(3)
+    idx = torch.stack([torch.randperm(300, generator=g)[:5] for _ in range(64)])
+    dz = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    c.sub_gram_rows_(idx, dz, gram)
+    dense -= np.einsum("bm,bml->bl", dz.numpy(), G[idx.numpy()])
+    np.testing.assert_allclose(c.gather(idx).numpy(), np.take_along_axis(dense, idx.numpy(), 1),
+                               atol=1e-12)
+    live = torch.arange(5).expand(64, 5) < torch.randint(0, 6, (64, 1), generator=g)
+    idx = torch.where(live, idx, idx[:, :1])  # unused slots repeat slot 0's latent
+    for exclude in (False, True):
+        score, best = c.best(idx, live, exclude, nonnegative)
+        ref = dense.copy() if nonnegative else np.abs(dense)
+        if exclude:
+            for b in range(64):
+                ref[b, idx[b][live[b]].numpy()] = 0
+        assert best.tolist() == ref.argmax(axis=1).tolist()
+        np.testing.assert_allclose(score.numpy(), ref.max(axis=1), atol=1e-12)
+    np.testing.assert_allclose(c.gather(idx).numpy(), np.take_along_axis(dense, idx.numpy(), 1),
+                               atol=1e-12)  # the search restored what it zeroed
+
+
+def test_bf16_screen_stays_within_its_error_bound():
+    """|screen - c| <= SCREEN_ERROR ||r|| for every latent, against float64, including the
+    worst case for the bound (r along a dictionary row)."""
+    W = unit_dictionary(2048, 256)
+    r = torch.cat([gaussian(64, 256), 2.9 * W[:64], 1e-3 * gaussian(8, 256, seed=4)])
+    screen = r.float().bfloat16() @ W.float().bfloat16().T
+    err = (screen.double() - r @ W.T).abs().amax(dim=1)
+    assert (err <= pursuit.SCREEN_ERROR * r.norm(dim=1)).all()
+    assert (err > 0.1 * pursuit.SCREEN_ERROR * r.norm(dim=1)).any()  # the bound is not vacuous
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_screened_selection_equals_float32_where_the_screen_cannot_tell(nonnegative):
+    """Clusters of 12 near-duplicate rows (cosines ~ 1 - 1e-6) tie in bfloat16, more of them
+    than the screen checks: the bound must send those rows to the float32 recompute, and every
+    selection must equal the float32 one."""
+    base = unit_dictionary(32, 64).float()
+    jitter = unit_dictionary(32 * 12, 64, seed=5).float().view(32, 12, 64)
+    W = (base[:, None] + 1e-3 * jitter).reshape(-1, 64)
+    W = W / W.norm(dim=1, keepdim=True)
+    x = base[torch.arange(40) % 32] + 0.05 * gaussian(40, 64).float()
+    picks = []
+    for screen_LD in (W.bfloat16(), None):
+        state = pursuit._Support(x, W, None, 4, nonnegative, None, trace=False, cholesky=False,
+                                 screen_LD=screen_LD)
+        picks.append(state.select(exclude_support=False))
+        if screen_LD is not None:
+            assert state.unsettled > 0
+    assert torch.equal(picks[0][0], picks[1][0])
+    assert_close(picks[0][1], picks[1][1], atol=1e-6, rtol=0)
+    for method in PURSUITS:
+        screened, plain = (sc.decompose(x, W, method, k=6, nonnegative=nonnegative, gram=False,
+                                        bf16_screen=flag) for flag in (True, False))
+        assert torch.equal(screened.indices, plain.indices)
+        assert_close(screened.values, plain.values, atol=1e-5, rtol=0)
 
 
 def test_tolerance_stops_each_row_when_reached():

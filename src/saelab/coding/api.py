@@ -10,6 +10,7 @@ from torch import Tensor
 from saelab.coding import encoder as enc
 from saelab.coding import pursuit
 from saelab.coding.code import SparseCode
+from saelab.coding.correlations import BlockedGram
 from saelab.coding.dictionary import Dictionary, SAELike, as_dictionary
 from saelab.errors import SaelabError
 
@@ -33,18 +34,23 @@ class Coder:
     def __init__(self, dictionary: Tensor | SAELike, method: Method | str, *,
                  k: int | None = None, tol: float | None = None, nonnegative: bool = False,
                  scale: enc.LatentScale | None = None, gram: bool | Literal["auto"] = "auto",
-                 dtype: torch.dtype = torch.float32, chunk_size: int | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, chunk_size: int | None = None,
+                 bf16_screen: bool = True) -> None:
         _check_options(method, k, tol, scale, dtype)
         self.source, self.method, self.k, self.tol = dictionary, method, k, tol
         self.nonnegative, self.scale, self.gram, self.dtype = nonnegative, scale, gram, dtype
         self.chunk_size = chunk_size
+        self.bf16_screen = bf16_screen and dtype == torch.float32
         self._dict: Dictionary | None = None
-        self._gram_LL: Tensor | None = None
+        self._gram_matrix: BlockedGram | None = None
+        self._screen_LD: Tensor | None = None
 
     def dictionary(self, device: torch.device) -> Dictionary:
         if self._dict is None or self._dict.W_dec.device != device:
             self._dict = as_dictionary(self.source, dtype=self.dtype, device=device)
-            self._gram_LL = None
+            self._gram_matrix = None
+            self._screen_LD = (self._dict.unit_LD.to(torch.bfloat16) if self.bf16_screen
+                               else None)
             if self.method == "omp" and self.k is not None and self.k > self._dict.d_model:
                 raise SaelabError(f"omp cannot select k={self.k} latents in d_model="
                                   f"{self._dict.d_model} dimensions",
@@ -78,7 +84,8 @@ class Coder:
     def _pursue(self, d: Dictionary, x_BD: Tensor, trace: bool) -> SparseCode:
         k = self.k or min(d.d_model, d.n_latents)
         state = pursuit._Support(x_BD, d.unit_LD, self._gram(d, len(x_BD)), k,
-                                 self.nonnegative, self.tol, trace, cholesky=self.method == "omp")
+                                 self.nonnegative, self.tol, trace, cholesky=self.method == "omp",
+                                 screen_LD=self._screen_LD)
         with torch.no_grad():
             PURSUITS[self.method](state, k)
         norms_BK = d.norms_L[state.idx_BK]
@@ -86,17 +93,17 @@ class Coder:
                                 state.val_BK / norms_BK.clamp(min=1e-30), 0.0)
         return SparseCode(state.idx_BK, values_BK, state.trace())
 
-    def _gram(self, d: Dictionary, batch: int) -> Tensor | None:
+    def _gram(self, d: Dictionary, batch: int) -> BlockedGram | None:
         """G = D D' when allowed and worth it: it costs as much as coding n_latents / k rows
         with one GEMM per step, and pays back only on larger batches."""
-        if self._gram_LL is None:
+        if self._gram_matrix is None:
             size = d.n_latents**2 * d.unit_LD.element_size()
             k = self.k or d.d_model
             wanted = self.gram is True or (self.gram == "auto" and size <= _GRAM_BYTES
                                           and batch * k >= d.n_latents)
             if wanted:
-                self._gram_LL = d.unit_LD @ d.unit_LD.T
-        return self._gram_LL
+                self._gram_matrix = BlockedGram(d.unit_LD)
+        return self._gram_matrix
 
     def _rows_per_chunk(self, d: Dictionary) -> int:
         k = self.k or d.d_model
@@ -108,17 +115,21 @@ def decompose(x: Tensor, dictionary: Tensor | SAELike, method: Method | str, *,
               k: int | None = None, tol: float | None = None, nonnegative: bool = False,
               scale: enc.LatentScale | None = None, gram: bool | Literal["auto"] = "auto",
               dtype: torch.dtype = torch.float32, chunk_size: int | None = None,
-              return_trace: bool = False) -> SparseCode:
+              bf16_screen: bool = True, return_trace: bool = False) -> SparseCode:
     """Sparse codes of x [batch, d_model] on `dictionary` by `method`.
 
     Methods: `encoder` (the SAE's own), `encoder-refit` (its support, least-squares weights),
     `encoder-scaled` (times a fitted `LatentScale`), and inference-time optimisation: `mp`
     (matching pursuit), `gp` (gradient pursuit), `omp` (orthogonal matching pursuit).
     Pursuits stop after `k` selections or once ||r|| <= tol ||x||, per row; `nonnegative`
-    keeps weights >= 0. To code many batches with one dictionary, build a `Coder` once.
+    keeps weights >= 0. In float32, once a pursuit stops using the Gram matrix it finds each
+    step's latent through a bfloat16 screen checked in float32 (`bf16_screen`; the same
+    selection, several times cheaper; pursuit.py says how). To code many batches with one
+    dictionary, build a `Coder` once.
     """
     return Coder(dictionary, method, k=k, tol=tol, nonnegative=nonnegative, scale=scale,
-                 gram=gram, dtype=dtype, chunk_size=chunk_size)(x, return_trace=return_trace)
+                 gram=gram, dtype=dtype, chunk_size=chunk_size,
+                 bf16_screen=bf16_screen)(x, return_trace=return_trace)
 
 
 def _check_options(method: str, k: int | None, tol: float | None,

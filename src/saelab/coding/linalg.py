@@ -81,14 +81,21 @@ class IncrementalCholesky:
     """
 
     def __init__(self, batch: int, k: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.L_BKK = torch.eye(k, dtype=dtype, device=device).repeat(batch, 1, 1)
+        # stored transposed, so that L = U' is a column-major view: LAPACK then solves in
+        # place of copying the factor every step (on a VM the copy's fresh pages cost more
+        # than the solve)
+        self.U_BKK = torch.eye(k, dtype=dtype, device=device).repeat(batch, 1, 1)
         self.eps = 100 * torch.finfo(dtype).eps
+
+    @property
+    def L_BKK(self) -> Tensor:
+        return self.U_BKK.mT
 
     def project(self, rows_R: Tensor, b_RK: Tensor) -> Tensor:
         """w = L^-1 b for b = <new unit direction, support directions>; ||w|| is the norm of
         the new direction's projection onto the span of the support."""
-        return torch.linalg.solve_triangular(self.L_BKK[rows_R], b_RK.unsqueeze(2),
-                                             upper=False).squeeze(2)
+        L_RKK = self.L_BKK if len(rows_R) == len(self.U_BKK) else self.L_BKK[rows_R]
+        return torch.linalg.solve_triangular(L_RKK, b_RK.unsqueeze(2), upper=False).squeeze(2)
 
     def add(self, rows_R: Tensor, pos_R: Tensor, w_RK: Tensor) -> Tensor:
         """Append a new unit direction at slot `pos` of `rows`, given its `project`ion w;
@@ -96,10 +103,12 @@ class IncrementalCholesky:
         pivot_R = 1 - (w_RK * w_RK).sum(dim=1)
         ok_R = pivot_R > self.eps
         rows_R, pos_R = rows_R[ok_R], pos_R[ok_R]
-        self.L_BKK[rows_R, pos_R] = w_RK[ok_R]
-        self.L_BKK[rows_R, pos_R, pos_R] = pivot_R[ok_R].sqrt()
+        self.U_BKK[rows_R, :, pos_R] = w_RK[ok_R]
+        self.U_BKK[rows_R, pos_R, pos_R] = pivot_R[ok_R].sqrt()
         return ok_R
 
     def solve(self, y_BK: Tensor) -> Tensor:
         """z with (L L') z = y: least squares on the support when y = D_S x."""
-        return torch.cholesky_solve(y_BK.unsqueeze(2), self.L_BKK).squeeze(2)
+        # two triangular solves: cholesky_solve would clone the factor
+        v_BK1 = torch.linalg.solve_triangular(self.L_BKK, y_BK.unsqueeze(2), upper=False)
+        return torch.linalg.solve_triangular(self.U_BKK, v_BK1, upper=True).squeeze(2)

@@ -9,32 +9,51 @@ The correlations c = r D' [B, L] are the expensive part: recomputing them is one
 [B, d] x [d, L] GEMM per step. With the Gram matrix G = D D' in memory, a weight change on m
 slots changes c by (delta z) G[S, :], a sparse x dense product costing B*m*L instead of
 B*d*L, so while the support is small compared with d the Gram path is many times cheaper
-(Rubinstein, Zibulevsky & Elad 2008, "Batch-OMP"). Each step takes the cheaper of the two.
+(Rubinstein, Zibulevsky & Elad 2008, "Batch-OMP"; correlations.py says how it is laid out
+to run from cache). Each step takes the cheaper of the two.
+
+Once the support outgrows the Gram path, a float32 pursuit screens instead of recomputing:
+the correlations come from a bfloat16 GEMM (several times faster than float32 on CPUs with
+bf16 dot products, and on GPUs), which is within SCREEN_ERROR * ||r|| of the float32 value.
+The few latents on top of the screen get their float32 correlations, and the best of them is
+taken only if it beats the screen's best remaining value by more than that bound, so no
+other latent can be the float32 winner; rows where the bound does not settle it recompute
+every correlation in float32. The selection is the float32 one either way.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 from torch import Tensor
 
 from saelab.coding.code import PursuitTrace
+from saelab.coding.correlations import BlockedGram, Correlations
 from saelab.coding.linalg import IncrementalCholesky, nnls
 
-# A sparse x dense product runs about this many times slower per multiply-add than a dense
-# GEMM on the CPUs measured (benchmarks/coding.py); the Gram path is taken when m times this
-# is below d_model.
-SPARSE_GEMM_PENALTY = 10
+# The Gram update runs about this many times slower per multiply-add than a dense GEMM on
+# the CPUs measured (benchmarks/coding.py); it is taken while m times this is below d_model
+# (d_model / SCREEN_SPEEDUP when the pursuit may screen instead).
+GRAM_PENALTY = 3
+# bfloat16 keeps 8 significant bits (unit roundoff u = 2^-8). Rounding r and the unit rows to
+# bf16 moves each product by <= 2u |r_i d_i|, the float32 sum adds ~640 * 2^-24 of the same,
+# and rounding the output adds u |c| <= u ||r||; sum |r_i d_i| <= ||r|| (Cauchy-Schwarz). So
+# |screen - c| <= 3u ||r|| up to second-order terms, covered by the 3.1.
+SCREEN_ERROR = 3.1 * 2.0**-8
+SCREEN_CANDIDATES = 8  # latents per row whose float32 correlation is checked
+# A screening step costs about this many times less than a float32 recompute (bf16 GEMM
+# against float32, less the top-k and the check; benchmarks/coding.py).
+SCREEN_SPEEDUP = 2.5
 
 
 class _Support:
     """The per-row state of a pursuit: support slots, weights, residual and correlations."""
 
-    def __init__(self, x_BD: Tensor, unit_LD: Tensor, gram_LL: Tensor | None, k: int,
-                 nonnegative: bool, tol: float | None, trace: bool, cholesky: bool) -> None:
+    def __init__(self, x_BD: Tensor, unit_LD: Tensor, gram: BlockedGram | None, k: int,
+                 nonnegative: bool, tol: float | None, trace: bool, cholesky: bool,
+                 screen_LD: Tensor | None = None) -> None:
         B, D = x_BD.shape
-        self.x_BD, self.unit_LD, self.gram_LL = x_BD, unit_LD, gram_LL
+        self.x_BD, self.unit_LD, self.gram = x_BD, unit_LD, gram
+        self.screen_LD = screen_LD  # bf16 copy of unit_LD, or None: never screen
         self.nonnegative = nonnegative
         self.idx_BK = torch.zeros(B, k, dtype=torch.long, device=x_BD.device)
         self.val_BK = x_BD.new_zeros(B, k)
@@ -42,40 +61,75 @@ class _Support:
         self.dirs_BKD = x_BD.new_zeros(B, k, D)  # unit decoder row of each slot (0 if unused)
         self.count_B = torch.zeros(B, dtype=torch.long, device=x_BD.device)
         self.r_BD = x_BD.clone()
-        self.c_BL = x_BD @ unit_LD.T
+        # correlations in the working dtype; None once the pursuit screens (every selection
+        # then starts from the residual)
+        self.c: Correlations | None = (Correlations.of(x_BD, unit_LD, gram)
+                                       if gram is not None or screen_LD is None else None)
         self.x_norm_B = x_BD.norm(dim=1)
         self.stop_norm_B = (tol or 0.0) * self.x_norm_B
         self.active_B = self.x_norm_B > 0
-        self.rows_B = torch.arange(B, device=x_BD.device)
+        self.unsettled = 0  # screened selections the bound left to a float32 recompute
         self.chol = (IncrementalCholesky(B, k, x_BD.dtype, x_BD.device)
                      if trace or cholesky else None)
         self.log: dict[str, list[Tensor]] | None = (
             {"residual_norm": [self.x_norm_B.clone()], "selected": [], "span_cosine": []}
             if trace else None)
 
-    def select(self, exclude_support: bool) -> Tensor:
+    def select(self, exclude_support: bool) -> tuple[Tensor, Tensor]:
         """Latent most correlated with the residual [B] (largest positive correlation when
-        non-negative); rows with nothing left to gain, or below tolerance, stop here.
-
-        Reads the correlations without copying them: the support is zeroed in place for the
-        search and restored after (unused slots point at slot 0's latent, so zeroing them
-        is harmless).
-        """
-        masked = exclude_support and bool(self.live_BK.any())
-        if masked:
-            saved_BK = self.c_BL.gather(1, self.idx_BK)
-            self.c_BL.scatter_(1, self.idx_BK, 0.0)
-        best_B, i_B = self.c_BL.max(dim=1)
-        if not self.nonnegative:
-            low_B, j_B = self.c_BL.min(dim=1)
-            neg_B = -low_B > best_B
-            best_B, i_B = torch.where(neg_B, -low_B, best_B), torch.where(neg_B, j_B, i_B)
-        if masked:
-            self.c_BL.scatter_(1, self.idx_BK, saved_BK)
+        non-negative) and its correlation [B]; rows with nothing left to gain, or below
+        tolerance, stop here."""
+        if self.c is None:
+            score_B, i_B, value_B = self._screen(exclude_support)
+        else:
+            score_B, i_B = self.c.best(self.idx_BK, self.live_BK, exclude_support,
+                                       self.nonnegative)
+            value_B = self.c.gather(i_B[:, None]).squeeze(1)
         floor_B = 10 * torch.finfo(self.x_BD.dtype).eps * self.x_norm_B
         residual_B = self.r_BD.norm(dim=1)
-        self.active_B &= (best_B > floor_B) & (residual_B > self.stop_norm_B)
-        return i_B
+        self.active_B &= (score_B > floor_B) & (residual_B > self.stop_norm_B)
+        return i_B, value_B
+
+    def _screen(self, exclude_support: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """The float32 selection, found through a bfloat16 screen (see the module docstring):
+        (score [B], latent [B], float32 correlation [B])."""
+        assert self.screen_LD is not None
+        s_BL = self.r_BD.to(torch.bfloat16) @ self.screen_LD.T
+        if not self.nonnegative:
+            s_BL.abs_()
+        if exclude_support:  # flat index_fill_: a bf16 scatter_ copies the whole tensor
+            L = s_BL.shape[1]
+            flat_N = (self.idx_BK + L * torch.arange(len(s_BL), device=s_BL.device)[:, None])
+            s_BL.view(-1).index_fill_(0, flat_N[self.live_BK], -torch.inf)
+        top_BM, cand_BM = s_BL.topk(min(SCREEN_CANDIDATES, s_BL.shape[1]), dim=1)
+        del s_BL
+        value_BM = torch.einsum("bmd,bd->bm", self.rows(cand_BM), self.r_BD)
+        score_BM = torch.where(top_BM == -torch.inf, -torch.inf,
+                               value_BM if self.nonnegative else value_BM.abs())
+        score_B, j_B = score_BM.max(dim=1)
+        i_B = cand_BM.gather(1, j_B[:, None]).squeeze(1)
+        value_B = value_BM.gather(1, j_B[:, None]).squeeze(1)
+        bound_B = top_BM[:, -1].float() + SCREEN_ERROR * self.r_BD.norm(dim=1)
+        unsettled_R = (self.active_B & ~(score_B > bound_B)).nonzero().squeeze(1)
+        if len(unsettled_R):
+            c = Correlations.of(self.r_BD[unsettled_R], self.unit_LD, None)
+            score_B[unsettled_R], i_B[unsettled_R] = c.best(
+                self.idx_BK[unsettled_R], self.live_BK[unsettled_R], exclude_support,
+                self.nonnegative)
+            value_B[unsettled_R] = c.gather(i_B[unsettled_R, None]).squeeze(1)
+        self.unsettled += len(unsettled_R)
+        return score_B, i_B, value_B
+
+    def rows(self, i: Tensor) -> Tensor:
+        """Unit decoder rows of latents i [...] -> [..., d] (index_select: several times
+        faster than advanced indexing on CPU)."""
+        return self.unit_LD.index_select(0, i.reshape(-1)).view(*i.shape, -1)
+
+    def support_correlations(self) -> Tensor:
+        """<r, d_s> for every slot [B, K] (0 on unused slots)."""
+        if self.c is not None:
+            return self.c.gather(self.idx_BK) * self.live_BK
+        return torch.einsum("bkd,bd->bk", self.dirs_BKD, self.r_BD)
 
     def slot_for(self, i_B: Tensor, reuse: bool) -> tuple[Tensor, Tensor]:
         """Slot of latent i in each row: its existing slot when `reuse` and already
@@ -91,9 +145,10 @@ class _Support:
     def inner_with_support(self, i_B: Tensor, rows_R: Tensor) -> Tensor:
         """<d_i, d_s> for every slot s of `rows` [R, K] (0 on unused slots)."""
         idx_RK, i_R = self.idx_BK[rows_R], i_B[rows_R]
-        if self.gram_LL is not None:
-            return self.gram_LL[idx_RK, i_R[:, None]] * self.live_BK[rows_R]
-        return torch.einsum("rkd,rd->rk", self.dirs_BKD[rows_R], self.unit_LD[i_R])
+        if self.gram is not None:
+            return self.gram.entries(idx_RK, i_R[:, None]) * self.live_BK[rows_R]
+        # every row, then pick: indexing dirs first would copy [R, K, d]
+        return torch.einsum("bkd,bd->bk", self.dirs_BKD, self.rows(i_B))[rows_R]
 
     def add(self, i_B: Tensor, pos_B: Tensor, new_B: Tensor, *,
             stop_if_dependent: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -121,7 +176,7 @@ class _Support:
         first_R = pos_R == 0  # unused slots point at the first latent (see `select`)
         self.idx_BK[rows_R[first_R]] = i_R[first_R, None]
         self.idx_BK[rows_R, pos_R] = i_R
-        self.dirs_BKD[rows_R, pos_R] = self.unit_LD[i_R]
+        self.dirs_BKD[rows_R, pos_R] = self.rows(i_R)
         self.live_BK[rows_R, pos_R] = True
         self.count_B[rows_R] += 1
         if self.log is not None:
@@ -142,12 +197,16 @@ class _Support:
         if changed_BM is None:
             m = int(self.count_B.max())
             changed_BM = torch.arange(m, device=delta_BK.device).expand(len(delta_BK), m)
-        m = changed_BM.shape[1]
-        if self.gram_LL is not None and m * SPARSE_GEMM_PENALTY < self.x_BD.shape[1]:
-            _sub_sparse_rows_times_(self.c_BL, self.idx_BK.gather(1, changed_BM),
-                                    delta_BK.gather(1, changed_BM), self.gram_LL)
+        m, d = changed_BM.shape[1], self.x_BD.shape[1]
+        dense_cost = d / SCREEN_SPEEDUP if self.screen_LD is not None else d
+        if self.c is not None and self.gram is not None and m * GRAM_PENALTY < dense_cost:
+            self.c.sub_gram_rows_(self.idx_BK.gather(1, changed_BM),
+                                  delta_BK.gather(1, changed_BM), self.gram)
+        elif self.screen_LD is not None:
+            self.c = None  # from here on every selection screens
         else:
-            torch.mm(self.r_BD, self.unit_LD.T, out=self.c_BL)
+            assert self.c is not None
+            self.c.recompute_(self.r_BD, self.unit_LD, self.gram)
         if self.log is not None:
             self.log["residual_norm"].append(self.r_BD.norm(dim=1))
 
@@ -162,30 +221,18 @@ class _Support:
             torch.stack(self.log["span_cosine"]) if steps else empty)
 
 
-def _sub_sparse_rows_times_(out_BL: Tensor, idx_BM: Tensor, val_BM: Tensor,
-                            dense_LL: Tensor) -> None:
-    """out[b] -= sum_m val[b, m] * dense[idx[b, m]], as one in-place CSR x dense product."""
-    B, M = idx_BM.shape
-    crow = torch.arange(0, B * M + 1, M, device=idx_BM.device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        csr = torch.sparse_csr_tensor(crow, idx_BM.reshape(-1), val_BM.reshape(-1),
-                                      size=(B, dense_LL.shape[0]), check_invariants=False)
-        out_BL.addmm_(csr, dense_LL, alpha=-1)
-
-
 def matching_pursuit(state: _Support, k: int) -> None:
     """Matching pursuit (Mallat & Zhang 1993): k times, select the latent with the largest
     |correlation| and add that correlation to its weight; a latent may be picked again."""
     for _ in range(k):
-        i_B = state.select(exclude_support=False)
+        i_B, value_B = state.select(exclude_support=False)
         if not state.active_B.any():
             break
         pos_B, new_B = state.slot_for(i_B, reuse=True)
         state.add(i_B, pos_B, new_B)
-        step_B = state.c_BL.gather(1, i_B[:, None]).squeeze(1) * state.active_B
+        step_B = value_B * state.active_B
         delta_BK = torch.zeros_like(state.val_BK).scatter_(1, pos_B[:, None], step_B[:, None])
-        state.apply(delta_BK, dx_BD=step_B[:, None] * state.unit_LD[i_B],
+        state.apply(delta_BK, dx_BD=step_B[:, None] * state.rows(i_B),
                     changed_BM=pos_B[:, None])
 
 
@@ -197,12 +244,12 @@ def gradient_pursuit(state: _Support, k: int) -> None:
     3. exact line search: a = <u, r> / <u, u> with u = g D_S;
     4. z += a g, r -= a u."""
     for _ in range(k):
-        i_B = state.select(exclude_support=True)
+        i_B, _ = state.select(exclude_support=True)
         if not state.active_B.any():
             break
         pos_B, new_B = state.slot_for(i_B, reuse=False)
         state.add(i_B, pos_B, new_B)
-        g_BK = state.c_BL.gather(1, state.idx_BK) * state.live_BK
+        g_BK = state.support_correlations()
         if state.nonnegative:
             g_BK = torch.where((state.val_BK <= 0) & (g_BK < 0), 0.0, g_BK)
         u_BD = torch.einsum("bk,bkd->bd", g_BK, state.dirs_BKD)
@@ -226,13 +273,13 @@ def orthogonal_matching_pursuit(state: _Support, k: int) -> None:
     gram_BKK = (state.val_BK.new_zeros(*y_BK.shape, y_BK.shape[1])
                 if state.nonnegative else None)
     for _ in range(k):
-        i_B = state.select(exclude_support=True)
+        i_B, _ = state.select(exclude_support=True)
         if not state.active_B.any():
             break
         pos_B, new_B = state.slot_for(i_B, reuse=False)
         rows_R, b_RK = state.add(i_B, pos_B, new_B, stop_if_dependent=True)
         pos_R, i_R = pos_B[rows_R], i_B[rows_R]
-        y_BK[rows_R, pos_R] = (state.x_BD[rows_R] * state.unit_LD[i_R]).sum(dim=1)
+        y_BK[rows_R, pos_R] = (state.x_BD[rows_R] * state.rows(i_R)).sum(dim=1)
         if gram_BKK is not None:
             gram_BKK[rows_R, pos_R] = b_RK
             gram_BKK[rows_R, :, pos_R] = b_RK
