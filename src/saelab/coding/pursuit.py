@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.functional import embedding_bag
 
 from saelab.coding.code import PursuitTrace
 from saelab.coding.correlations import BlockedGram, Correlations
@@ -58,7 +59,9 @@ class _Support:
         self.idx_BK = torch.zeros(B, k, dtype=torch.long, device=x_BD.device)
         self.val_BK = x_BD.new_zeros(B, k)
         self.live_BK = torch.zeros(B, k, dtype=torch.bool, device=x_BD.device)
-        self.dirs_BKD = x_BD.new_zeros(B, k, D)  # unit decoder row of each slot (0 if unused)
+        # unit decoder row of each slot (0 if unused), built on first use: only the paths
+        # without correlations in memory read it
+        self._dirs_BKD: Tensor | None = None
         self.count_B = torch.zeros(B, dtype=torch.long, device=x_BD.device)
         self.r_BD = x_BD.clone()
         # correlations in the working dtype; None once the pursuit screens (every selection
@@ -120,6 +123,18 @@ class _Support:
         self.unsettled += len(unsettled_R)
         return score_B, i_B, value_B
 
+    def dirs(self) -> Tensor:
+        """Unit decoder row of each slot [B, K, d] (0 on unused slots)."""
+        if self._dirs_BKD is None:
+            self._dirs_BKD = self.rows(self.idx_BK) * self.live_BK[..., None]
+        return self._dirs_BKD
+
+    def combine(self, w_BK: Tensor) -> Tensor:
+        """sum_s w[b, s] d_s [B, d] over each row's live slots (embedding_bag gathers the rows
+        itself: faster than a batched [1, K] x [K, d] product over stored directions)."""
+        return embedding_bag(self.idx_BK, self.unit_LD, per_sample_weights=w_BK * self.live_BK,
+                             mode="sum")
+
     def rows(self, i: Tensor) -> Tensor:
         """Unit decoder rows of latents i [...] -> [..., d] (index_select: several times
         faster than advanced indexing on CPU)."""
@@ -129,7 +144,7 @@ class _Support:
         """<r, d_s> for every slot [B, K] (0 on unused slots)."""
         if self.c is not None:
             return self.c.gather(self.idx_BK) * self.live_BK
-        return torch.einsum("bkd,bd->bk", self.dirs_BKD, self.r_BD)
+        return torch.einsum("bkd,bd->bk", self.dirs(), self.r_BD)
 
     def slot_for(self, i_B: Tensor, reuse: bool) -> tuple[Tensor, Tensor]:
         """Slot of latent i in each row: its existing slot when `reuse` and already
@@ -148,7 +163,7 @@ class _Support:
         if self.gram is not None:
             return self.gram.entries(idx_RK, i_R[:, None]) * self.live_BK[rows_R]
         # every row, then pick: indexing dirs first would copy [R, K, d]
-        return torch.einsum("bkd,bd->bk", self.dirs_BKD, self.rows(i_B))[rows_R]
+        return torch.einsum("bkd,bd->bk", self.dirs(), self.rows(i_B))[rows_R]
 
     def add(self, i_B: Tensor, pos_B: Tensor, new_B: Tensor, *,
             stop_if_dependent: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -176,7 +191,8 @@ class _Support:
         first_R = pos_R == 0  # unused slots point at the first latent (see `select`)
         self.idx_BK[rows_R[first_R]] = i_R[first_R, None]
         self.idx_BK[rows_R, pos_R] = i_R
-        self.dirs_BKD[rows_R, pos_R] = self.rows(i_R)
+        if self._dirs_BKD is not None:
+            self._dirs_BKD[rows_R, pos_R] = self.rows(i_R)
         self.live_BK[rows_R, pos_R] = True
         self.count_B[rows_R] += 1
         if self.log is not None:
@@ -192,7 +208,7 @@ class _Support:
         if self.nonnegative:
             self.val_BK.clamp_(min=0)
         if dx_BD is None:
-            dx_BD = torch.einsum("bk,bkd->bd", delta_BK, self.dirs_BKD)
+            dx_BD = self.combine(delta_BK)
         self.r_BD -= dx_BD
         if changed_BM is None:
             m = int(self.count_B.max())
@@ -252,7 +268,7 @@ def gradient_pursuit(state: _Support, k: int) -> None:
         g_BK = state.support_correlations()
         if state.nonnegative:
             g_BK = torch.where((state.val_BK <= 0) & (g_BK < 0), 0.0, g_BK)
-        u_BD = torch.einsum("bk,bkd->bd", g_BK, state.dirs_BKD)
+        u_BD = state.combine(g_BK)
         uu_B = (u_BD * u_BD).sum(dim=1)
         a_B = (u_BD * state.r_BD).sum(dim=1) / torch.where(uu_B > 0, uu_B, 1.0)
         if state.nonnegative:  # largest step keeping every weight >= 0
@@ -273,13 +289,15 @@ def orthogonal_matching_pursuit(state: _Support, k: int) -> None:
     gram_BKK = (state.val_BK.new_zeros(*y_BK.shape, y_BK.shape[1])
                 if state.nonnegative else None)
     for _ in range(k):
-        i_B, _ = state.select(exclude_support=True)
+        i_B, c_B = state.select(exclude_support=True)
         if not state.active_B.any():
             break
         pos_B, new_B = state.slot_for(i_B, reuse=False)
         rows_R, b_RK = state.add(i_B, pos_B, new_B, stop_if_dependent=True)
-        pos_R, i_R = pos_B[rows_R], i_B[rows_R]
-        y_BK[rows_R, pos_R] = (state.x_BD[rows_R] * state.rows(i_R)).sum(dim=1)
+        # <x, d_i> = <r, d_i> + sum_s z_s <d_s, d_i>: both terms are at hand, so no pass
+        # over x and d_i (and no [R, d] temporaries)
+        pos_R = pos_B[rows_R]
+        y_BK[rows_R, pos_R] = c_B[rows_R] + (b_RK * state.val_BK[rows_R]).sum(dim=1)
         if gram_BKK is not None:
             gram_BKK[rows_R, pos_R] = b_RK
             gram_BKK[rows_R, :, pos_R] = b_RK
