@@ -27,13 +27,15 @@ the same batch); tokens/s is per token either way.
 
 Timing: the setup (Coder, Gram matrices, models) is built and run once on a few tokens before
 the clock starts; then the best of 2-3 timed runs (a third only while a row has used < 30 s).
-The floor is the machine's float32 GEMM rate on [4096, 640] x [640, 16384]: a pursuit that
-recomputes the correlations needs one such GEMM per selection, so its floor is rate / (2 d n k)
-tokens/s. The Gram path's cost model (pursuit.py) is one GEMM for the first correlations,
-then B*m*n multiply-adds per step for m changed slots (m = 1 for mp, the support size for gp
-and omp), a dense GEMM instead once m * SPARSE_GEMM_PENALTY >= d; its floor is that many
-multiply-adds at the dense rate, and the penalty itself (sparse CSR x dense against dense
-GEMM) is measured here. Prints the table and writes JSON (`--out`); runs under
+Floors, from the machine's GEMM rates on [4096, 640] x [640, 16384] (float32, and bfloat16
+with float32 accumulation): a pursuit that recomputes the correlations needs one float32 GEMM
+per selection, 2 d n k flops per token at the float32 rate (the peers' floor). saelab without
+the Gram matrix screens with a bfloat16 GEMM instead (pursuit.py): 2 d n k at the bf16 rate.
+The Gram path's cost model (pursuit.py) is one float32 GEMM for the first correlations, then
+m*n multiply-adds per token and step for m changed slots (m = 1 for mp, the support size for
+gp and omp), priced at the float32 GEMM rate, until m * GRAM_PENALTY >= d / SCREEN_SPEEDUP,
+then a bf16 screening GEMM per step. The Gram update's own slowdown per multiply-add against
+the float32 GEMM (the penalty) is measured here too. Prints the table and writes JSON (`--out`); runs under
 `.venv-bench`, which holds the peers (see benchmarks/README.md).
 """
 
@@ -61,7 +63,8 @@ import torch
 from torch import Tensor
 
 from saelab.coding import Coder, SparseCode
-from saelab.coding.pursuit import SPARSE_GEMM_PENALTY
+from saelab.coding.correlations import BlockedGram, Correlations
+from saelab.coding.pursuit import GRAM_PENALTY, SCREEN_SPEEDUP
 
 THREADS = 2
 SEED = 0
@@ -192,41 +195,40 @@ def best_time(run: Callable[[], Any], plan: Plan) -> tuple[float, list[float], A
 
 
 # ---------------------------------------------------------------------------------------------
-# Floors: the GEMM rate, the sparse x dense penalty, and each method's multiply-add count
+# Floors: the GEMM rates, the Gram update's penalty, and each method's floor time per token
 # ---------------------------------------------------------------------------------------------
 
 def measure_gemm(problem: Problem, reps: int) -> dict[str, Any]:
-    """float32 GEMM rate of x [batch, d] x W' [d, n]: the correlations of a whole batch, the
-    product every pursuit step that recomputes them pays."""
+    """GEMM rates of x [batch, d] x W' [d, n]: the correlations of a whole batch, the product
+    every pursuit step that recomputes them pays (float32), or screens them (bfloat16)."""
     x, W = problem.x, problem.W
     out = x.new_empty(len(x), len(W))
     best = min(_timed(lambda: torch.mm(x, W.T, out=out)) for _ in range(reps))
+    xh, Wh = x.bfloat16(), W.bfloat16()
+    out_h = out.bfloat16()
+    best_h = min(_timed(lambda: torch.mm(xh, Wh.T, out=out_h)) for _ in range(reps))
     flops = 2 * x.shape[0] * x.shape[1] * W.shape[0]
     return {"shape": [x.shape[0], x.shape[1], W.shape[0]], "best_s": best,
-            "flops_per_s": flops / best}
+            "flops_per_s": flops / best, "bf16_best_s": best_h, "bf16_flops_per_s": flops / best_h}
 
 
-def measure_sparse(problem: Problem, gemm_rate: float, ms: Sequence[int]) -> dict[str, Any]:
-    """Rate of the Gram path's update, out -= CSR [batch, n] (m non-zeros a row) x G [n, n],
-    as pursuit.py does it, and its penalty against the dense GEMM rate per multiply-add
-    (pursuit.py assumes SPARSE_GEMM_PENALTY)."""
-    W = problem.W
-    G = W @ W.T
-    B, n = len(problem.x), len(W)
-    out = torch.zeros(B, n)
+def measure_gram_update(problem: Problem, gemm_rate: float, ms: Sequence[int]
+                        ) -> dict[str, Any]:
+    """Rate of the Gram path's update, c -= dz G[S, :] with m slots a row, as pursuit.py runs
+    it (blocked, correlations.py), and its penalty against the float32 GEMM rate per
+    multiply-add (pursuit.py assumes GRAM_PENALTY)."""
+    gram = BlockedGram(problem.W)
+    c = Correlations.of(problem.x, problem.W, gram)
+    B, n = len(problem.x), len(problem.W)
     g = torch.Generator().manual_seed(SEED + 1)
     rows = []
     for m in ms:
-        idx = torch.rand(B, n, generator=g).topk(m).indices.reshape(-1)
-        crow = torch.arange(0, B * m + 1, m)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            csr = torch.sparse_csr_tensor(crow, idx, torch.randn(B * m, generator=g),
-                                          size=(B, n), check_invariants=False)
-            best = min(_timed(lambda c=csr: out.addmm_(c, G, alpha=-1)) for _ in range(3))
+        idx = torch.rand(B, n, generator=g).topk(m).indices
+        dz = torch.randn(B, m, generator=g)
+        best = min(_timed(lambda: c.sub_gram_rows_(idx, dz, gram)) for _ in range(3))
         rate = 2 * B * m * n / best
         rows.append({"m": m, "best_s": best, "flops_per_s": rate, "penalty": gemm_rate / rate})
-    return {"assumed_penalty": SPARSE_GEMM_PENALTY, "by_m": rows}
+    return {"assumed_penalty": GRAM_PENALTY, "by_m": rows}
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -235,19 +237,21 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def recompute_macs(plan: Plan, k: int) -> int:
-    """Multiply-adds per token of a pursuit that recomputes the correlations: one [d] x [d, n]
-    product per selection (the floor the issue sets)."""
-    return plan.d_model * plan.n_latents * k
-
-
-def gram_macs(plan: Plan, k: int, changed: Callable[[int], int], switch: bool = True) -> int:
-    """Multiply-adds per token of the Gram path (pursuit.py's model): the first correlations
-    (d n), then n * m_t for the m_t slots step t changes, or d n once m_t * penalty >= d
-    (`switch`, as saelab does; sklearn's Gram OMP never switches)."""
+def floor_seconds(floor: str, plan: Plan, k: int, gemm: dict[str, Any]) -> float:
+    """Seconds per token of a floor (see the module docstring): "recompute" (a float32 GEMM per
+    selection), "screen" (a bf16 GEMM per selection), "gram-mp" / "gram-support" (pursuit.py's
+    Gram model with 1 or t slots changed at step t), "sklearn-gram" (its Gram OMP: the Gram
+    update at every step, float32)."""
     d, n = plan.d_model, plan.n_latents
-    steps = (changed(t) for t in range(1, k + 1))
-    return n * (d + sum(d if switch and m * SPARSE_GEMM_PENALTY >= d else m for m in steps))
+    f32, bf16 = gemm["flops_per_s"] / 2, gemm["bf16_flops_per_s"] / 2  # multiply-adds/s
+    if floor in ("recompute", "screen"):
+        return d * n * k / (f32 if floor == "recompute" else bf16)
+    seconds = d * n / f32  # the first correlations
+    for t in range(1, k + 1):
+        m = 1 if floor == "gram-mp" else t
+        screens = floor != "sklearn-gram" and m * GRAM_PENALTY >= d / SCREEN_SPEEDUP
+        seconds += d * n / bf16 if screens else m * n / f32
+    return seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +287,7 @@ def saelab_setup(method: str, *, gram: bool | str = "auto", nonnegative: bool = 
         coder = Coder(problem.W, method, k=k, gram=gram, nonnegative=nonnegative)
         rows = 8 if gram is False else -(-len(problem.W) // k)  # batch x k >= n: builds G
         coder(problem.x[:rows])
-        return Encoder(coder, info={"gram_used": coder._gram_LL is not None})
+        return Encoder(coder, info={"gram_used": coder._gram_matrix is not None})
 
     return setup
 
@@ -378,17 +382,17 @@ def overcomplete_setup(which: str) -> Callable[[Problem, int], Encoder]:
 
 METHODS: list[Method] = [
     Method("saelab mp", "saelab", "saelab", "gram-mp", saelab_setup("mp")),
-    Method("saelab mp (gram=False)", "saelab", "saelab_nogram", "recompute",
+    Method("saelab mp (gram=False)", "saelab", "saelab_nogram", "screen",
            saelab_setup("mp", gram=False)),
     Method("saelab mp (non-neg)", "saelab", "saelab", "gram-mp",
            saelab_setup("mp", nonnegative=True)),
     Method("saelab gp", "saelab", "saelab", "gram-support", saelab_setup("gp")),
-    Method("saelab gp (gram=False)", "saelab", "saelab_nogram", "recompute",
+    Method("saelab gp (gram=False)", "saelab", "saelab_nogram", "screen",
            saelab_setup("gp", gram=False)),
     Method("saelab gp (non-neg)", "saelab", "saelab", "gram-support",
            saelab_setup("gp", nonnegative=True)),
     Method("saelab omp", "saelab", "saelab", "gram-support", saelab_setup("omp")),
-    Method("saelab omp (gram=False)", "saelab", "saelab_nogram", "recompute",
+    Method("saelab omp (gram=False)", "saelab", "saelab_nogram", "screen",
            saelab_setup("omp", gram=False)),
     Method("saelab omp (non-neg)", "saelab", "saelab", "gram-support",
            saelab_setup("omp", nonnegative=True)),
@@ -406,22 +410,18 @@ SKLEARN = ("sklearn orthogonal_mp", "sklearn orthogonal_mp_gram")
 DL_GP = "dictionary_learning grad_pursuit"
 
 
-def floor_macs(method: Method, plan: Plan, k: int, gram_used: bool) -> int:
-    """Multiply-adds per token of the method's own floor (see the module docstring)."""
-    if method.floor == "gram-mp" and gram_used:
-        return gram_macs(plan, k, lambda t: 1)
-    if method.floor == "gram-support" and gram_used:
-        return gram_macs(plan, k, lambda t: t)
-    if method.floor == "sklearn-gram":
-        return gram_macs(plan, k, lambda t: t, switch=False)
-    return recompute_macs(plan, k)
+def floor_of(method: Method, gram_used: bool) -> str:
+    """The method's floor; a saelab Gram row whose Coder did not build G recomputes."""
+    if method.floor.startswith("gram-") and not gram_used:
+        return "screen"
+    return method.floor
 
 
 # ---------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------
 
-def run_method(method: Method, problem: Problem, plan: Plan, k: int, gemm_rate: float
+def run_method(method: Method, problem: Problem, plan: Plan, k: int, gemm: dict[str, Any]
                ) -> tuple[dict[str, Any], SparseCode | None]:
     """Set up (untimed, warmed on a few tokens), time, and score one method at one k."""
     n = min(plan.tokens[method.tokens], len(problem.x))
@@ -441,23 +441,23 @@ def run_method(method: Method, problem: Problem, plan: Plan, k: int, gemm_rate: 
         log(f"{method.key} k={k}: {row['error']}")
         return row, None
     code = enc.to_code(raw)
-    macs = floor_macs(method, plan, k, row.get("gram_used", True))
+    floor = floor_of(method, row.get("gram_used", True))
     row.update({"times_s": times, "best_s": best, "tokens_per_s": n / best,
                 "fvu": fvu(problem.x[:n], code.decode(problem.W)),
                 "l0": float(code.l0().double().mean()),
-                "floor_macs_per_token": macs, "floor_tokens_per_s": gemm_rate / (2 * macs)})
+                "floor": floor, "floor_tokens_per_s": 1 / floor_seconds(floor, plan, k, gemm)})
     row["of_floor"] = row["tokens_per_s"] / row["floor_tokens_per_s"]
     log(f"{method.key} k={k}: {row['tokens_per_s']:,.1f} tok/s on {n} tokens, "
         f"FVU {row['fvu']:.4f}")
     return row, code
 
 
-def run_k(problem: Problem, plan: Plan, k: int, gemm_rate: float, methods: list[Method]
+def run_k(problem: Problem, plan: Plan, k: int, gemm: dict[str, Any], methods: list[Method]
           ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every method at one k, then the speed-ups and the cross-checks between their codes."""
     rows, codes = [], {}
     for method in methods:
-        row, code = run_method(method, problem, plan, k, gemm_rate)
+        row, code = run_method(method, problem, plan, k, gemm)
         gc.collect()  # a Coder or sklearn Gram holds 1 GiB: free it before the next row
         rows.append(row)
         if code is not None:
@@ -617,11 +617,13 @@ def header(plan: Plan, gemm: dict[str, Any], sparse: dict[str, Any], env: dict[s
         f"{env['loadavg_end'][0]:.2f}",
         f"data: {plan.atoms_per_token} of the dictionary's unit rows per token, exponential "
         f"weights, + gaussian noise at {NOISE_SHARE:.0%} of the signal energy",
-        f"float32 GEMM [{B},{d}]x[{d},{n}]: {gemm['best_s'] * 1e3:.0f} ms, "
-        f"{gemm['flops_per_s'] / 1e9:.0f} GFLOP/s; sparse CSR x Gram update, slowdown per "
-        f"multiply-add vs that GEMM: {pen} (pursuit.py assumes {SPARSE_GEMM_PENALTY})",
-        "floor: one GEMM per selection (rate / 2dnk tokens/s); Gram rows: n(d + sum_t m_t) "
-        "multiply-adds per token at the GEMM rate (m_t slots changed at step t); timings are "
+        f"GEMM [{B},{d}]x[{d},{n}]: float32 {gemm['best_s'] * 1e3:.0f} ms, "
+        f"{gemm['flops_per_s'] / 1e9:.0f} GFLOP/s; bfloat16 {gemm['bf16_best_s'] * 1e3:.0f} ms, "
+        f"{gemm['bf16_flops_per_s'] / 1e9:.0f} GFLOP/s; blocked Gram update, slowdown per "
+        f"multiply-add vs the float32 GEMM: {pen} (pursuit.py assumes {GRAM_PENALTY})",
+        "floors: recompute = one float32 GEMM per selection; screen = one bf16 GEMM per "
+        "selection; Gram rows: n(d + sum_t m_t) multiply-adds per token at the float32 rate "
+        "(m_t slots changed at step t), a bf16 GEMM per step past the switch; timings are "
         "the best of 2-3 runs, setup (Coder, Gram, model) excluded"])
 
 
@@ -635,13 +637,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     log(f"plan {plan}; load average {env['loadavg_start']}")
     problem = make_problem(plan)
     gemm = measure_gemm(problem, plan.gemm_reps)
-    sparse = measure_sparse(problem, gemm["flops_per_s"], sorted({1, 16, max(ks)}))
-    log(f"GEMM {gemm['flops_per_s'] / 1e9:.0f} GFLOP/s; sparse penalty "
+    sparse = measure_gram_update(problem, gemm["flops_per_s"], sorted({1, 16, max(ks)}))
+    log(f"GEMM {gemm['flops_per_s'] / 1e9:.0f} GFLOP/s float32, "
+        f"{gemm['bf16_flops_per_s'] / 1e9:.0f} bf16; Gram update penalty "
         f"{[round(r['penalty'], 1) for r in sparse['by_m']]}")
     rows: list[dict[str, Any]] = []
     checks: list[dict[str, Any]] = []
     for k in ks:
-        k_rows, k_checks = run_k(problem, plan, k, gemm["flops_per_s"], methods)
+        k_rows, k_checks = run_k(problem, plan, k, gemm, methods)
         rows += k_rows
         checks.append(k_checks)
     env["loadavg_end"] = os.getloadavg()
