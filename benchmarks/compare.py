@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import platform
-import resource
 import statistics
 import tempfile
 import time
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 
 import saelab
+from cpu_share import CpuWatch
 from saelab.coding import Coder, fit_scale
 from saelab.evals.splice import clean_pass, spliced_loss
 from saelab.verbs.compare import CompareConfig, _activations, _windows
@@ -49,31 +49,6 @@ from saelab.verbs.train import TrainCommand, run_train
 
 THREADS = 2
 DEFAULT_OUT = Path(__file__).parent / "results" / "compare.json"
-
-
-class CpuWatch:
-    """The share of the machine's CPU other processes took since this watch was made."""
-
-    def __init__(self) -> None:
-        self.busy0, self.total0, self.own0 = *_machine_cpu_s(), _own_cpu_s()
-
-    def others_share(self) -> float:
-        busy1, total1 = _machine_cpu_s()
-        others = (busy1 - self.busy0) - (_own_cpu_s() - self.own0)
-        return max(0.0, others / max(total1 - self.total0, 1e-9))
-
-
-def _machine_cpu_s() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    tick = os.sysconf("SC_CLK_TCK")
-    idle = fields[3] + fields[4]
-    return (sum(fields) - idle) / tick, sum(fields) / tick
-
-
-def _own_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:

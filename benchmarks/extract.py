@@ -30,14 +30,12 @@ import importlib.util
 import json
 import mmap
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 import saelab
+from cpu_share import others_cpu
 from saelab.activations.writer import finalise, write_shard
 from saelab.corpus import iter_documents, token_windows
 
@@ -70,37 +69,6 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _machine_cpu_s() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat; steal
-    (time the hypervisor gave to other guests) counts as busy."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    tick = os.sysconf("SC_CLK_TCK")
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields) - idle) / tick, sum(fields) / tick
-
-
-def _own_cpu_s() -> float:
-    """CPU seconds of this process and its finished children."""
-    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    return sum(u.ru_utime + u.ru_stime for u in usage)
-
-
-@contextmanager
-def others_cpu(record: dict[str, float], key: str) -> Iterator[None]:
-    """Record the share of the machine's CPU that other processes took during the block.
-
-    The cores are shared: with another busy process every number here is slower and noisier,
-    and the table says by how much the machine was taken.
-    """
-    if not Path("/proc/stat").exists():
-        yield
-        return
-    busy0, total0 = _machine_cpu_s()
-    own0 = _own_cpu_s()
-    yield
-    busy1, total1 = _machine_cpu_s()
-    others = (busy1 - busy0) - (_own_cpu_s() - own0)
-    record[key] = max(0.0, others / max(total1 - total0, 1e-9))
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cpu_share import CpuWatch
+
 N_LATENTS = 16384
 D_MODEL = 640
 K = 32
@@ -136,42 +138,6 @@ def dead_latents(fraction: float) -> Tensor | None:
     if not fraction:
         return None
     return torch.rand(N_LATENTS, generator=torch.Generator().manual_seed(SEED + 1)) < fraction
-
-
-def _machine_cpu_s() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    tick = os.sysconf("SC_CLK_TCK")
-    idle = fields[3] + fields[4]
-    return (sum(fields) - idle) / tick, sum(fields) / tick
-
-
-def _own_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-class CpuWatch:
-    """The share of the machine's CPU other processes took between start() and stop().
-
-    The 2 cores are shared with whatever else runs: a timing taken while another process is
-    busy is slower, and the table says how busy the machine was during each row's steps.
-    """
-
-    def __init__(self) -> None:
-        self.start_at: tuple[float, float, float] | None = None
-        self.share: float | None = None
-
-    def start(self) -> None:
-        self.start_at = (*_machine_cpu_s(), _own_cpu_s())
-
-    def stop(self) -> None:
-        if self.start_at is None:
-            return
-        busy0, total0, own0 = self.start_at
-        busy1, total1 = _machine_cpu_s()
-        others = (busy1 - busy0) - (_own_cpu_s() - own0)
-        self.share = max(0.0, others / max(total1 - total0, 1e-9))
 
 
 def _rss_mb() -> float:

@@ -68,3 +68,18 @@ def test_width_mismatch_is_one_clear_error(store_and_sae):
                "--out", str(root / "x.safetensors"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "differ in width" in proc.stderr and "activations of width 32" in proc.stderr
+
+
+def test_turning_the_bf16_screen_off_changes_no_selection(store_and_sae):
+    """--no-bf16-screen computes every correlation in float32; the screen must pick the same
+    latents (omp at k 16 on a width-64 model screens from its 9th step on)."""
+    root, store, sae = store_and_sae
+    codes = []
+    for flag in ([], ["--no-bf16-screen"]):
+        out = root / f"omp{len(flag)}.safetensors"
+        proc = run("--sae", str(root / "sae"), "--activations", str(root / "acts"), "--method",
+                   "omp", "--k", "16", "--tokens", "600", "--out", str(out), *flag)
+        assert proc.returncode == 0, proc.stderr
+        codes.append(sl.SparseCode.load(out))
+    assert torch.equal(codes[0].indices, codes[1].indices)
+    assert_close(codes[0].values, codes[1].values, atol=1e-5, rtol=1e-4)

@@ -49,6 +49,9 @@ class DecomposeConfig:
     """Rows coded at once."""
     device: str = "cpu"
     """Device to code on: cpu, cuda, cuda:1, ..."""
+    bf16_screen: bool = True
+    """mp/gp/omp: find each step's latent through a bfloat16 product checked in float32 (the
+    same selection, faster); --no-bf16-screen computes every correlation in float32."""
 
 
 def run_decompose(cfg: DecomposeConfig) -> dict[str, float]:
@@ -63,7 +66,7 @@ def run_decompose(cfg: DecomposeConfig) -> dict[str, float]:
     if cfg.method == "encoder-scaled" and cfg.scale is None:
         n = min(n, len(store) - cfg.fit_tokens)
     coder = Coder(sae, cfg.method, k=cfg.k, tol=cfg.tol, nonnegative=cfg.nonnegative,
-                  scale=scale)
+                  scale=scale, bf16_screen=cfg.bf16_screen)
     sq_err = total = sq_norm = 0.0
     sum_x = torch.zeros(store.d_model, dtype=torch.float64)
     codes: list[SparseCode] = []
