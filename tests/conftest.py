@@ -83,6 +83,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory,
     return folder
 
 
+def store_with_sae(model_dir: Path, out: Path, *, tokens: int, n_latents: int, seed: int):
+    """A store of `tokens` rows of the tiny model at blocks.1.hook_resid_post (out/acts), and a
+    random TopK SAE (k 8) on it whose b_dec is the store's mean: codes then have something
+    to explain."""
+    import saelab as sl
+
+    sl.cache_activations(sl.CacheConfig(out=out / "acts", model=str(model_dir),
+                                        site=("blocks.1.hook_resid_post",), tokens=tokens,
+                                        context_size=32))
+    store = sl.ActivationStore(out / "acts")
+    sae = sl.saes.TopKSAE(store.d_model, n_latents, k=8, site=store.site).init_random(seed=seed)
+    with torch.no_grad():
+        sae.b_dec.copy_(store[:].mean(dim=0))
+    return store, sae
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module on one thread: tiny tensors (the toy models) are fastest that way, and a

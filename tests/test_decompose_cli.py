@@ -10,19 +10,14 @@ import torch
 from torch.testing import assert_close
 
 import saelab as sl
+from conftest import store_with_sae
 from saelab.coding import LatentScale
 
 
 @pytest.fixture(scope="module")
 def store_and_sae(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("decompose")
-    sl.cache_activations(sl.CacheConfig(out=root / "acts", model=str(tiny_model_dir),
-                                        site=("blocks.1.hook_resid_post",), tokens=1200,
-                                        context_size=32))
-    store = sl.ActivationStore(root / "acts")
-    sae = sl.saes.TopKSAE(store.d_model, 256, k=8, site=store.site).init_random(seed=1)
-    with torch.no_grad():
-        sae.b_dec.copy_(store[:].mean(dim=0))
+    store, sae = store_with_sae(tiny_model_dir, root, tokens=1200, n_latents=256, seed=1)
     sl.save_sae(sae, root / "sae")
     return root, store, sae
 

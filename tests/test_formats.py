@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch.testing import assert_close
 
 import saelab as sl
-from conftest import tiny_hf_model
+from conftest import store_with_sae, tiny_hf_model
 from saelab.cli import main
 from saelab.errors import SaelabError
 from saelab.formats import load_sae, write_sae
@@ -610,13 +610,7 @@ def test_hub_specs_load_from_the_hugging_face_cache_offline(tmp_path):
 # --- decompose with a loaded SAE -----------------------------------------------------------
 
 def test_decompose_runs_with_saes_of_other_layouts(tiny_model_dir, tmp_path):
-    sl.cache_activations(sl.CacheConfig(out=tmp_path / "acts", model=str(tiny_model_dir),
-                                        site=("blocks.1.hook_resid_post",), tokens=600,
-                                        context_size=32))
-    store = sl.ActivationStore(tmp_path / "acts")
-    sae = sl.saes.TopKSAE(store.d_model, 128, k=8, site=store.site).init_random(seed=2)
-    with torch.no_grad():
-        sae.b_dec.copy_(store[:].mean(dim=0))
+    store, sae = store_with_sae(tiny_model_dir, tmp_path, tokens=600, n_latents=128, seed=2)
     folder = write_sae(sae, tmp_path / "sparsify", "sparsify")
     assert folder.name == "layers.1"
     out = tmp_path / "codes.safetensors"
