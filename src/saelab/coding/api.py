@@ -28,7 +28,9 @@ class Coder:
     Build once and reuse: the unit-norm dictionary and (for pursuits) the Gram matrix are
     computed on the first call and kept. `dictionary` is a `W_dec` tensor [n_latents,
     d_model] or an SAE (then `b_dec` is subtracted before coding, and codes decode with
-    `code.decode(W_dec, b_dec)`).
+    `code.decode(W_dec, b_dec)`). `bf16_screen` (float32 only) lets pursuits find each step's
+    latent through a bfloat16 product checked in float32 once the Gram path stops paying;
+    the selection is the float32 one either way (pursuit.py).
     """
 
     def __init__(self, dictionary: Tensor | SAELike, method: Method | str, *,
