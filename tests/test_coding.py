@@ -177,21 +177,24 @@ def test_bf16_screen_stays_within_its_error_bound():
 
 @pytest.mark.parametrize("nonnegative", [False, True])
 def test_screened_selection_equals_float32_where_the_screen_cannot_tell(nonnegative):
-    """Clusters of 12 near-duplicate rows (cosines ~ 1 - 1e-6) tie in bfloat16, more of them
-    than the screen checks: the bound must send those rows to the float32 recompute, and every
-    selection must equal the float32 one."""
-    base = unit_dictionary(32, 64).float()
-    jitter = unit_dictionary(32 * 12, 64, seed=5).float().view(32, 12, 64)
-    W = (base[:, None] + 1e-3 * jitter).reshape(-1, 64)
+    """Clusters of near-duplicate rows (cosines ~ 1 - 5e-5: apart in float32, tied in
+    bfloat16) of 12 (more than the first 8 candidates, fewer than the 64 after) and of 80
+    (more than both). The bound must send such rows on to more candidates and then to the
+    float32 recompute, and every selection must equal the float32 one."""
+    base = unit_dictionary(16, 64).float()
+    sizes = [12] * 8 + [80] * 8
+    jitter = unit_dictionary(sum(sizes), 64, seed=5).float()
+    W = torch.repeat_interleave(base, torch.tensor(sizes), dim=0) + 1e-2 * jitter
     W = W / W.norm(dim=1, keepdim=True)
-    x = base[torch.arange(40) % 32] + 0.05 * gaussian(40, 64).float()
+    x = base[torch.arange(40) % 16] + 0.05 * gaussian(40, 64).float()
     picks = []
     for screen_LD in (W.bfloat16(), None):
         state = pursuit._Support(x, W, None, 4, nonnegative, None, trace=False, cholesky=False,
                                  screen_LD=screen_LD)
         picks.append(state.select(exclude_support=False))
         if screen_LD is not None:
-            assert state.unsettled > 0
+            more, recomputed = state.unsettled
+            assert more > recomputed > 0
     assert torch.equal(picks[0][0], picks[1][0])
     assert_close(picks[0][1], picks[1][1], atol=1e-6, rtol=0)
     for method in PURSUITS:
@@ -199,6 +202,18 @@ def test_screened_selection_equals_float32_where_the_screen_cannot_tell(nonnegat
                                         bf16_screen=flag) for flag in (True, False))
         assert torch.equal(screened.indices, plain.indices)
         assert_close(screened.values, plain.values, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("gram", [False, True])
+def test_matching_pursuit_traces_steps_that_only_re_pick(gram):
+    """One row, 16 latents, 40 steps: most steps re-pick a latent, so no row adds a slot."""
+    W, x = unit_dictionary(16, 8), gaussian(1, 8).float()
+    code = sc.decompose(x, W.float(), "mp", k=40, gram=gram, return_trace=True)
+    picks = code.trace.selected[:, 0]
+    assert len(picks) == 40 and len(set(picks.tolist())) < 16
+    norms = code.trace.residual_norm[:, 0]
+    assert (norms[1:] <= norms[:-1] * (1 + 1e-5)).all()
+    assert_close(norms[-1], (x - code.decode(W.float())).norm(), atol=1e-5, rtol=1e-4)
 
 
 def test_tolerance_stops_each_row_when_reached():

@@ -40,7 +40,9 @@ GRAM_PENALTY = 3
 # and rounding the output adds u |c| <= u ||r||; sum |r_i d_i| <= ||r|| (Cauchy-Schwarz). So
 # |screen - c| <= 3u ||r|| up to second-order terms, covered by the 3.1.
 SCREEN_ERROR = 3.1 * 2.0**-8
-SCREEN_CANDIDATES = 8  # latents per row whose float32 correlation is checked
+# latents per row whose float32 correlation is checked: first 8, then 64 for the rows those
+# leave unsettled (real SAE dictionaries crowd their top correlations more than random ones)
+SCREEN_CANDIDATES = (8, 64)
 # A screening step costs about this many times less than a float32 recompute (bf16 GEMM
 # against float32, less the top-k and the check; benchmarks/coding.py).
 SCREEN_SPEEDUP = 2.5
@@ -71,7 +73,9 @@ class _Support:
         self.x_norm_B = x_BD.norm(dim=1)
         self.stop_norm_B = (tol or 0.0) * self.x_norm_B
         self.active_B = self.x_norm_B > 0
-        self.unsettled = 0  # screened selections the bound left to a float32 recompute
+        # screened selections the first candidates left unsettled, and those left to a
+        # float32 recompute
+        self.unsettled = [0, 0]
         self.chol = (IncrementalCholesky(B, k, x_BD.dtype, x_BD.device)
                      if trace or cholesky else None)
         self.log: dict[str, list[Tensor]] | None = (
@@ -95,7 +99,8 @@ class _Support:
 
     def _screen(self, exclude_support: bool) -> tuple[Tensor, Tensor, Tensor]:
         """The float32 selection, found through a bfloat16 screen (see the module docstring):
-        (score [B], latent [B], float32 correlation [B])."""
+        (score [B], latent [B], float32 correlation [B]). Rows the first few candidates do not
+        settle try more of them, then recompute in float32."""
         assert self.screen_LD is not None
         s_BL = self.r_BD.to(torch.bfloat16) @ self.screen_LD.T
         if not self.nonnegative:
@@ -104,24 +109,43 @@ class _Support:
             L = s_BL.shape[1]
             flat_N = (self.idx_BK + L * torch.arange(len(s_BL), device=s_BL.device)[:, None])
             s_BL.view(-1).index_fill_(0, flat_N[self.live_BK], -torch.inf)
-        top_BM, cand_BM = s_BL.topk(min(SCREEN_CANDIDATES, s_BL.shape[1]), dim=1)
+        found = (torch.empty_like(self.x_norm_B), torch.empty_like(self.count_B),
+                 torch.empty_like(self.x_norm_B))  # score, latent, value
+        bound_B = SCREEN_ERROR * self.r_BD.norm(dim=1)
+        rows_R = self.active_B.nonzero().squeeze(1)
+        for stage, m in enumerate(SCREEN_CANDIDATES):
+            if stage:
+                self.unsettled[0] += len(rows_R)
+            s_RL = s_BL if len(rows_R) == len(s_BL) else s_BL[rows_R]
+            settled_R = self._check_candidates(s_RL, rows_R, min(m, s_BL.shape[1]), bound_B,
+                                               found)
+            rows_R = rows_R[~settled_R]
+            if not len(rows_R):
+                break
         del s_BL
-        value_BM = torch.einsum("bmd,bd->bm", self.rows(cand_BM), self.r_BD)
-        score_BM = torch.where(top_BM == -torch.inf, -torch.inf,
-                               value_BM if self.nonnegative else value_BM.abs())
-        score_B, j_B = score_BM.max(dim=1)
-        i_B = cand_BM.gather(1, j_B[:, None]).squeeze(1)
-        value_B = value_BM.gather(1, j_B[:, None]).squeeze(1)
-        bound_B = top_BM[:, -1].float() + SCREEN_ERROR * self.r_BD.norm(dim=1)
-        unsettled_R = (self.active_B & ~(score_B > bound_B)).nonzero().squeeze(1)
-        if len(unsettled_R):
-            c = Correlations.of(self.r_BD[unsettled_R], self.unit_LD, None)
-            score_B[unsettled_R], i_B[unsettled_R] = c.best(
-                self.idx_BK[unsettled_R], self.live_BK[unsettled_R], exclude_support,
-                self.nonnegative)
-            value_B[unsettled_R] = c.gather(i_B[unsettled_R, None]).squeeze(1)
-        self.unsettled += len(unsettled_R)
-        return score_B, i_B, value_B
+        if len(rows_R):
+            c = Correlations.of(self.r_BD[rows_R], self.unit_LD, None)
+            score_R, i_R = c.best(self.idx_BK[rows_R], self.live_BK[rows_R], exclude_support,
+                                  self.nonnegative)
+            found[0][rows_R], found[1][rows_R] = score_R, i_R
+            found[2][rows_R] = c.gather(i_R[:, None]).squeeze(1)
+        self.unsettled[-1] += len(rows_R)
+        score_B, i_B, value_B = found
+        return score_B.masked_fill(~self.active_B, 0.0), i_B.masked_fill(~self.active_B, 0), value_B
+
+    def _check_candidates(self, s_RL: Tensor, rows_R: Tensor, m: int, bound_B: Tensor,
+                          found: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """The best of the top m screened latents of `rows` by float32 correlation, written
+        into `found`; returns which rows it settles (no latent outside the m can beat it)."""
+        top_RM, cand_RM = s_RL.topk(m, dim=1)
+        value_RM = torch.einsum("rmd,rd->rm", self.rows(cand_RM), self.r_BD[rows_R])
+        score_RM = torch.where(top_RM == -torch.inf, -torch.inf,
+                               value_RM if self.nonnegative else value_RM.abs())
+        score_R, j_R = score_RM.max(dim=1)
+        found[0][rows_R] = score_R
+        found[1][rows_R] = cand_RM.gather(1, j_R[:, None]).squeeze(1)
+        found[2][rows_R] = value_RM.gather(1, j_R[:, None]).squeeze(1)
+        return score_R > top_RM[:, -1].float() + bound_B[rows_R]
 
     def dirs(self) -> Tensor:
         """Unit decoder row of each slot [B, K, d] (0 on unused slots)."""
@@ -138,7 +162,7 @@ class _Support:
     def rows(self, i: Tensor) -> Tensor:
         """Unit decoder rows of latents i [...] -> [..., d] (index_select: several times
         faster than advanced indexing on CPU)."""
-        return self.unit_LD.index_select(0, i.reshape(-1)).view(*i.shape, -1)
+        return self.unit_LD.index_select(0, i.reshape(-1)).view(*i.shape, self.unit_LD.shape[1])
 
     def support_correlations(self) -> Tensor:
         """<r, d_s> for every slot [B, K] (0 on unused slots)."""
