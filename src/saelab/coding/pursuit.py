@@ -17,8 +17,9 @@ the correlations come from a bfloat16 GEMM (several times faster than float32 on
 bf16 dot products, and on GPUs), which is within SCREEN_ERROR * ||r|| of the float32 value.
 The few latents on top of the screen get their float32 correlations, and the best of them is
 taken only if it beats the screen's best remaining value by more than that bound, so no
-other latent can be the float32 winner; rows where the bound does not settle it recompute
-every correlation in float32. The selection is the float32 one either way.
+other latent can be the float32 winner; rows where the bound does not settle it try more
+candidates, then recompute every correlation in float32. The selection is the float32 one
+(up to ties within float32 rounding, which any change of summation order can flip).
 """
 
 from __future__ import annotations
