@@ -194,7 +194,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SaelabError as err:
         sys.stderr.write(f"saelab {args.verb}: error: {err}\n")
         return 2
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, tear the process group down before the interpreter exits: left to exit,
+    gloo's threads can abort a rank ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
