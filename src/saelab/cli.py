@@ -194,8 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SaelabError as err:
         sys.stderr.write(f"saelab {args.verb}: error: {err}\n")
         return 2
-    finally:
-        _leave_process_group()
+    _leave_process_group()  # not after an error: NCCL could wait on ranks still in a collective
     return 0
 
 

@@ -100,11 +100,16 @@ class Correlations:
     def _largest(self, nonnegative: bool) -> tuple[Tensor, Tensor]:
         """Largest value (|value| unless non-negative) and its latent, per row: the best block
         from value-only reductions (amax/amin run several times faster than max with indices
-        on CPU), then the position inside that block."""
-        score_NB = self.c_NBW.amax(dim=2)
-        if not nonnegative:
-            score_NB = torch.maximum(score_NB, self.c_NBW.amin(dim=2).neg_())
+        on CPU), then the position inside that block (a view when there is one block)."""
+        high_NB = self.c_NBW.amax(dim=2)
+        low_NB = None if nonnegative else self.c_NBW.amin(dim=2).neg_()
+        score_NB = high_NB if low_NB is None else torch.maximum(high_NB, low_NB)
         score_B, block_B = score_NB.max(dim=0)
-        inside_BW = self.c_NBW[block_B, self.rows_B1[:, 0]]
-        pos_B = (inside_BW if nonnegative else inside_BW.abs()).argmax(dim=1)
+        inside_BW = (self.c_NBW[0] if len(self.c_NBW) == 1
+                     else self.c_NBW[block_B, self.rows_B1[:, 0]])
+        pos_B = inside_BW.argmax(dim=1)
+        if low_NB is not None:  # the winner is the block's minimum where that is larger in |.|
+            from_low_B = low_NB.gather(0, block_B[None]).squeeze(0) > high_NB.gather(
+                0, block_B[None]).squeeze(0)
+            pos_B = torch.where(from_low_B, inside_BW.argmin(dim=1), pos_B)
         return score_B, block_B * self.width + pos_B

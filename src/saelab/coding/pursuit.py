@@ -14,7 +14,7 @@ to run from cache). Each step takes the cheaper of the two.
 
 Once the support outgrows the Gram path, a float32 pursuit screens instead of recomputing:
 the correlations come from a bfloat16 GEMM (several times faster than float32 on CPUs with
-bf16 dot products, and on GPUs), which is within SCREEN_ERROR * ||r|| of the float32 value.
+bf16 dot products, and on GPUs), which is within screen_error(d) * ||r|| of the float32 value.
 The few latents on top of the screen get their float32 correlations, and the best of them is
 taken only if it beats the screen's best remaining value by more than that bound, so no
 other latent can be the float32 winner; rows where the bound does not settle it try more
@@ -36,17 +36,24 @@ from saelab.coding.linalg import IncrementalCholesky, nnls
 # the CPUs measured (benchmarks/coding.py); it is taken while m times this is below d_model
 # (d_model / SCREEN_SPEEDUP when the pursuit may screen instead).
 GRAM_PENALTY = 3
-# bfloat16 keeps 8 significant bits (unit roundoff u = 2^-8). Rounding r and the unit rows to
-# bf16 moves each product by <= 2u |r_i d_i|, the float32 sum adds ~640 * 2^-24 of the same,
-# and rounding the output adds u |c| <= u ||r||; sum |r_i d_i| <= ||r|| (Cauchy-Schwarz). So
-# |screen - c| <= 3u ||r|| up to second-order terms, covered by the 3.1.
-SCREEN_ERROR = 3.1 * 2.0**-8
 # latents per row whose float32 correlation is checked: first 8, then 64 for the rows those
 # leave unsettled (real SAE dictionaries crowd their top correlations more than random ones)
 SCREEN_CANDIDATES = (8, 64)
 # A screening step costs about this many times less than a float32 recompute (bf16 GEMM
 # against float32, less the top-k and the check; benchmarks/coding.py).
 SCREEN_SPEEDUP = 2.5
+_CHECK_BYTES = 2**28  # float32 candidate rows gathered at once by the check
+
+
+def screen_error(d_model: int) -> float:
+    """Bound on |bf16 screen - float32 correlation| / ||r|| for unit rows in d_model dims.
+
+    bfloat16 keeps 8 significant bits (unit roundoff u = 2^-8). Rounding r and the unit rows
+    to bf16 moves each product by <= 2u |r_i d_i|; a float32 sum of d terms adds up to
+    d 2^-24 of sum |r_i d_i|; rounding the output adds u |c| <= u ||r||; and
+    sum |r_i d_i| <= ||r|| (Cauchy-Schwarz). The 0.1u covers second-order terms.
+    """
+    return (3.1 + d_model * 2.0**-16) * 2.0**-8
 
 
 class _Support:
@@ -103,16 +110,16 @@ class _Support:
         (score [B], latent [B], float32 correlation [B]). Rows the first few candidates do not
         settle try more of them, then recompute in float32."""
         assert self.screen_LD is not None
-        s_BL = self.r_BD.to(torch.bfloat16) @ self.screen_LD.T
+        s_BL = _bf16_product(self.r_BD, self.screen_LD)
         if not self.nonnegative:
             s_BL.abs_()
         if exclude_support:  # flat index_fill_: a bf16 scatter_ copies the whole tensor
             L = s_BL.shape[1]
             flat_N = (self.idx_BK + L * torch.arange(len(s_BL), device=s_BL.device)[:, None])
             s_BL.view(-1).index_fill_(0, flat_N[self.live_BK], -torch.inf)
-        found = (torch.empty_like(self.x_norm_B), torch.empty_like(self.count_B),
-                 torch.empty_like(self.x_norm_B))  # score, latent, value
-        bound_B = SCREEN_ERROR * self.r_BD.norm(dim=1)
+        found = (torch.zeros_like(self.x_norm_B), torch.zeros_like(self.count_B),
+                 torch.zeros_like(self.x_norm_B))  # score, latent, value (0: stopped rows)
+        bound_B = screen_error(self.r_BD.shape[1]) * self.r_BD.norm(dim=1)
         rows_R = self.active_B.nonzero().squeeze(1)
         for stage, m in enumerate(SCREEN_CANDIDATES):
             if stage:
@@ -131,22 +138,27 @@ class _Support:
             found[0][rows_R], found[1][rows_R] = score_R, i_R
             found[2][rows_R] = c.gather(i_R[:, None]).squeeze(1)
         self.unsettled[-1] += len(rows_R)
-        score_B, i_B, value_B = found
-        return score_B.masked_fill(~self.active_B, 0.0), i_B.masked_fill(~self.active_B, 0), value_B
+        return found
 
     def _check_candidates(self, s_RL: Tensor, rows_R: Tensor, m: int, bound_B: Tensor,
                           found: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         """The best of the top m screened latents of `rows` by float32 correlation, written
-        into `found`; returns which rows it settles (no latent outside the m can beat it)."""
-        top_RM, cand_RM = s_RL.topk(m, dim=1)
-        value_RM = torch.einsum("rmd,rd->rm", self.rows(cand_RM), self.r_BD[rows_R])
-        score_RM = torch.where(top_RM == -torch.inf, -torch.inf,
-                               value_RM if self.nonnegative else value_RM.abs())
-        score_R, j_R = score_RM.max(dim=1)
-        found[0][rows_R] = score_R
-        found[1][rows_R] = cand_RM.gather(1, j_R[:, None]).squeeze(1)
-        found[2][rows_R] = value_RM.gather(1, j_R[:, None]).squeeze(1)
-        return score_R > top_RM[:, -1].float() + bound_B[rows_R]
+        into `found`; returns which rows it settles (no latent outside the m can beat it).
+        Rows go in pieces, so the gathered [rows, m, d] candidates stay in bounded memory."""
+        piece = max(_CHECK_BYTES // (4 * m * self.unit_LD.shape[1]), 1)
+        settled = []
+        for at in range(0, len(rows_R), piece):
+            sub_R = rows_R[at:at + piece]
+            top_RM, cand_RM = s_RL[at:at + piece].topk(m, dim=1)
+            value_RM = torch.einsum("rmd,rd->rm", self.rows(cand_RM), self.r_BD[sub_R])
+            score_RM = torch.where(top_RM == -torch.inf, -torch.inf,
+                                   value_RM if self.nonnegative else value_RM.abs())
+            score_R, j_R = score_RM.max(dim=1)
+            found[0][sub_R] = score_R
+            found[1][sub_R] = cand_RM.gather(1, j_R[:, None]).squeeze(1)
+            found[2][sub_R] = value_RM.gather(1, j_R[:, None]).squeeze(1)
+            settled.append(score_R > top_RM[:, -1].float() + bound_B[sub_R])
+        return torch.cat(settled)
 
     def dirs(self) -> Tensor:
         """Unit decoder row of each slot [B, K, d] (0 on unused slots)."""
@@ -260,6 +272,20 @@ class _Support:
             torch.stack(self.log["residual_norm"][: steps + 1]),
             torch.stack(self.log["selected"]) if steps else empty.long(),
             torch.stack(self.log["span_cosine"]) if steps else empty)
+
+
+def _bf16_product(r_BD: Tensor, screen_LD: Tensor) -> Tensor:
+    """r D' in bfloat16 with float32 accumulation (on CUDA, cuBLAS may otherwise add split-K
+    partial sums in bf16, which the screen's bound does not cover)."""
+    if r_BD.device.type != "cuda":
+        return r_BD.to(torch.bfloat16) @ screen_LD.T
+    flags = torch.backends.cuda.matmul
+    reduced = flags.allow_bf16_reduced_precision_reduction
+    flags.allow_bf16_reduced_precision_reduction = False
+    try:
+        return r_BD.to(torch.bfloat16) @ screen_LD.T
+    finally:
+        flags.allow_bf16_reduced_precision_reduction = reduced
 
 
 def matching_pursuit(state: _Support, k: int) -> None:
