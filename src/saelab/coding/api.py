@@ -51,8 +51,8 @@ class Coder:
         if self._dict is None or self._dict.W_dec.device != device:
             self._dict = as_dictionary(self.source, dtype=self.dtype, device=device)
             self._gram_matrix = None
-            self._screen_LD = (self._dict.unit_LD.to(torch.bfloat16) if self.bf16_screen
-                               else None)
+            self._screen_LD = (self._dict.unit_LD.to(torch.bfloat16)
+                               if self.bf16_screen and self.method in PURSUITS else None)
             if self.method == "omp" and self.k is not None and self.k > self._dict.d_model:
                 raise SaelabError(f"omp cannot select k={self.k} latents in d_model="
                                   f"{self._dict.d_model} dimensions",

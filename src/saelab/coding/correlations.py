@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn.functional import embedding_bag
+from torch.nn.functional import embedding_bag, pad
 
 BLOCK = 256  # latent columns per block
 
@@ -28,8 +28,9 @@ class BlockedGram:
         L, D = unit_LD.shape
         self.n_latents, self.width = L, min(width, L)
         n_blocks = -(-L // self.width)
-        padded = unit_LD.new_zeros(n_blocks * self.width, D)
-        padded[:L] = unit_LD
+        # a copy only when the last block needs zero rows
+        padded = (pad(unit_LD, (0, 0, 0, n_blocks * self.width - L)) if L % self.width
+                  else unit_LD)
         self.unit_NWD = padded.view(n_blocks, self.width, D)  # unit rows, block by block
         self.blocks = unit_LD.new_empty(n_blocks, L, self.width)
         for j in range(n_blocks):

@@ -62,7 +62,7 @@ class _Support:
     def __init__(self, x_BD: Tensor, unit_LD: Tensor, gram: BlockedGram | None, k: int,
                  nonnegative: bool, tol: float | None, trace: bool, cholesky: bool,
                  screen_LD: Tensor | None = None) -> None:
-        B, D = x_BD.shape
+        B = len(x_BD)
         self.x_BD, self.unit_LD, self.gram = x_BD, unit_LD, gram
         self.screen_LD = screen_LD  # bf16 copy of unit_LD, or None: never screen
         self.nonnegative = nonnegative
@@ -94,18 +94,19 @@ class _Support:
         """Latent most correlated with the residual [B] (largest positive correlation when
         non-negative) and its correlation [B]; rows with nothing left to gain, or below
         tolerance, stop here."""
+        residual_B = self.r_BD.norm(dim=1)
         if self.c is None:
-            score_B, i_B, value_B = self._screen(exclude_support)
+            score_B, i_B, value_B = self._screen(exclude_support, residual_B)
         else:
             score_B, i_B = self.c.best(self.idx_BK, self.live_BK, exclude_support,
                                        self.nonnegative)
             value_B = self.c.gather(i_B[:, None]).squeeze(1)
         floor_B = 10 * torch.finfo(self.x_BD.dtype).eps * self.x_norm_B
-        residual_B = self.r_BD.norm(dim=1)
         self.active_B &= (score_B > floor_B) & (residual_B > self.stop_norm_B)
         return i_B, value_B
 
-    def _screen(self, exclude_support: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def _screen(self, exclude_support: bool, residual_B: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
         """The float32 selection, found through a bfloat16 screen (see the module docstring):
         (score [B], latent [B], float32 correlation [B]). Rows the first few candidates do not
         settle try more of them, then recompute in float32."""
@@ -119,7 +120,7 @@ class _Support:
             s_BL.view(-1).index_fill_(0, flat_N[self.live_BK], -torch.inf)
         found = (torch.zeros_like(self.x_norm_B), torch.zeros_like(self.count_B),
                  torch.zeros_like(self.x_norm_B))  # score, latent, value (0: stopped rows)
-        bound_B = screen_error(self.r_BD.shape[1]) * self.r_BD.norm(dim=1)
+        bound_B = screen_error(self.r_BD.shape[1]) * residual_B
         rows_R = self.active_B.nonzero().squeeze(1)
         for stage, m in enumerate(SCREEN_CANDIDATES):
             if stage:
