@@ -64,7 +64,7 @@ from torch import Tensor
 from cpu_share import CpuWatch
 from saelab.coding import Coder, SparseCode
 from saelab.coding.correlations import BlockedGram, Correlations
-from saelab.coding.pursuit import GRAM_PENALTY, SCREEN_SPEEDUP
+from saelab.coding.pursuit import GRAM_PENALTY, gram_pays
 
 THREADS = 2
 SEED = 0
@@ -222,8 +222,8 @@ def floor_seconds(floor: str, plan: Plan, k: int, gemm: dict[str, Any]) -> float
     seconds = d * n / f32  # the first correlations
     for t in range(1, k + 1):
         m = 1 if floor == "gram-mp" else t
-        screens = floor != "sklearn-gram" and m * GRAM_PENALTY >= d / SCREEN_SPEEDUP
-        seconds += d * n / bf16 if screens else m * n / f32
+        gram = floor == "sklearn-gram" or gram_pays(m, d, screens=True)
+        seconds += m * n / f32 if gram else d * n / bf16
     return seconds
 
 
@@ -384,7 +384,7 @@ DL_GP = "dictionary_learning grad_pursuit"
 
 
 def floor_of(method: Method, gram_used: bool) -> str:
-    """The method's floor; a saelab Gram row whose Coder did not build G recomputes."""
+    """The method's floor; a saelab Gram row whose Coder did not build G screens."""
     if method.floor.startswith("gram-") and not gram_used:
         return "screen"
     return method.floor

@@ -45,6 +45,12 @@ SCREEN_SPEEDUP = 2.5
 _CHECK_BYTES = 2**28  # float32 candidate rows gathered at once by the check
 
 
+def gram_pays(m: int, d_model: int, screens: bool) -> bool:
+    """Whether a Gram update over m changed slots beats recomputing the correlations (a
+    float32 GEMM, or a bf16 screen when the pursuit `screens`): the cost model above."""
+    return m * GRAM_PENALTY < (d_model / SCREEN_SPEEDUP if screens else d_model)
+
+
 def screen_error(d_model: int) -> float:
     """Bound on |bf16 screen - float32 correlation| / ||r|| for unit rows in d_model dims.
 
@@ -252,8 +258,8 @@ class _Support:
             m = int(self.count_B.max())
             changed_BM = torch.arange(m, device=delta_BK.device).expand(len(delta_BK), m)
         m, d = changed_BM.shape[1], self.x_BD.shape[1]
-        dense_cost = d / SCREEN_SPEEDUP if self.screen_LD is not None else d
-        if self.c is not None and self.gram is not None and m * GRAM_PENALTY < dense_cost:
+        if (self.c is not None and self.gram is not None
+                and gram_pays(m, d, screens=self.screen_LD is not None)):
             self.c.sub_gram_rows_(self.idx_BK.gather(1, changed_BM),
                                   delta_BK.gather(1, changed_BM), self.gram)
         elif self.screen_LD is not None:
