@@ -14,6 +14,7 @@ import saelab.coding as sc
 from saelab import SaelabError
 from saelab.coding import pursuit
 from saelab.coding.correlations import BlockedGram, Correlations
+from saelab.coding.linalg import IncrementalCholesky
 from saelab.saes import TopKSAE
 
 PURSUITS = ["mp", "gp", "omp"]
@@ -77,6 +78,21 @@ def test_omp_matches_scikit_learn(dtype, gram):
     code = sc.decompose(x.to(dtype), W.to(dtype), "omp", k=12, gram=gram, dtype=dtype)
     ref = orthogonal_mp(W.T.numpy(), x.T.numpy(), n_nonzero_coefs=12).T
     ours = code.to_dense(256).double().numpy()
+    assert ((ours != 0) == (ref != 0)).all()
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gram", [False, True])
+def test_omp_matches_scikit_learn_on_long_supports_stopped_by_tolerance(dtype, gram):
+    """Rows stop at 31-43 slots: the Cholesky factor regrows past 16 and 32 slots while rows
+    of different lengths share it."""
+    W, x = unit_dictionary(512, 128), gaussian(100, 128)
+    x = x / x.norm(dim=1, keepdim=True)  # scikit-learn's tol is one squared norm for all rows
+    code = sc.decompose(x.to(dtype), W.to(dtype), "omp", k=60, tol=0.3, gram=gram, dtype=dtype)
+    ref = orthogonal_mp(W.T.numpy(), x.T.numpy(), tol=0.3**2).T
+    ours = code.to_dense(512).double().numpy()
+    assert (ref != 0).sum(axis=1).min() > 2 * IncrementalCholesky.GROW
     assert ((ours != 0) == (ref != 0)).all()
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 

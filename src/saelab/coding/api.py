@@ -69,7 +69,8 @@ class Coder:
             raise SaelabError(f"method {self.method} has no steps to trace",
                               expected="mp, gp or omp", found=self.method,
                               fix="drop return_trace")
-        rows = self.chunk_size or self._rows_per_chunk(d)
+        gram = self._gram(d, len(x_BD)) if self.method in PURSUITS else None
+        rows = self.chunk_size or self._rows_per_chunk(d, gram is not None)
         return SparseCode.cat([self._code(d, x_BD[i:i + rows], return_trace)
                                for i in range(0, max(len(x_BD), 1), rows)])
 
@@ -85,7 +86,7 @@ class Coder:
 
     def _pursue(self, d: Dictionary, x_BD: Tensor, trace: bool) -> SparseCode:
         k = self.k or min(d.d_model, d.n_latents)
-        state = pursuit._Support(x_BD, d.unit_LD, self._gram(d, len(x_BD)), k,
+        state = pursuit._Support(x_BD, d.unit_LD, self._gram_matrix, k,
                                  self.nonnegative, self.tol, trace, cholesky=self.method == "omp",
                                  screen_LD=self._screen_LD)
         with torch.no_grad():
@@ -107,10 +108,20 @@ class Coder:
                 self._gram_matrix = BlockedGram(d.unit_LD)
         return self._gram_matrix
 
-    def _rows_per_chunk(self, d: Dictionary) -> int:
+    def _rows_per_chunk(self, d: Dictionary, gram: bool) -> int:
+        """Rows per chunk within _CHUNK_BYTES: per row, the correlations and one temporary as
+        large (2 n_latents), the k x k factors (3 k^2) and, on steps without the Gram
+        matrix, the support's directions (k d_model).
+
+        Larger chunks pay most on the Gram path: every step reads all of G (n_latents^2
+        floats) once per chunk, whatever its size, so at 16k latents that read is most of a
+        step's time until chunks hold thousands of rows (benchmarks/coding.py)."""
         k = self.k or d.d_model
-        per_row = d.unit_LD.element_size() * (4 * d.n_latents + k * d.d_model + 3 * k * k)
-        return max(_CHUNK_BYTES // per_row, 1)
+        changed = 1 if self.method == "mp" else k  # slots whose weights a step changes
+        stays_on_gram = gram and pursuit.gram_pays(changed, d.d_model,
+                                                   screens=self._screen_LD is not None)
+        floats = 2 * d.n_latents + (0 if stays_on_gram else k * d.d_model) + 3 * k * k
+        return max(_CHUNK_BYTES // (d.unit_LD.element_size() * floats), 1)
 
 
 def decompose(x: Tensor, dictionary: Tensor | SAELike, method: Method | str, *,

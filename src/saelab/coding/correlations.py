@@ -59,14 +59,14 @@ class Correlations:
         return c
 
     def recompute_(self, r_BD: Tensor, unit_LD: Tensor, gram: BlockedGram | None) -> None:
-        """c = r D' again, in place: one GEMM, then a copy into blocks (one GEMM per block
-        runs at half the rate, a broadcast matmul copies r once per block)."""
+        """c = r D' again, in place: one batched GEMM straight into the blocks (r broadcast
+        to every block without a copy; as fast as one plain GEMM on the CPU measured, and
+        without its [B, n_latents] temporary)."""
         if gram is None:
             torch.mm(r_BD, unit_LD.T, out=self.c_NBW[0])
             return
-        N, B, W = self.c_NBW.shape
-        c_BL = r_BD @ gram.unit_NWD.view(N * W, -1).T
-        self.c_NBW.copy_(c_BL.view(B, N, W).transpose(0, 1))
+        N, B, _ = self.c_NBW.shape
+        torch.bmm(r_BD.expand(N, *r_BD.shape), gram.unit_NWD.transpose(1, 2), out=self.c_NBW)
 
     def sub_gram_rows_(self, idx_BM: Tensor, val_BM: Tensor, gram: BlockedGram) -> None:
         """c[b] -= sum_m val[b, m] G[idx[b, m], :], block by block (see the module docstring)."""

@@ -210,27 +210,28 @@ class _Support:
         return torch.einsum("bkd,bd->bk", self.dirs(), self.rows(i_B))[rows_R]
 
     def add(self, i_B: Tensor, pos_B: Tensor, new_B: Tensor, *,
-            stop_if_dependent: bool = False) -> tuple[Tensor, Tensor | None]:
+            stop_if_dependent: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Put latent i into slot pos of the active rows that selected a new latent.
 
         With a Cholesky factor, also grows it and records the cosine of the new direction to
         the span of the support. A direction numerically inside that span cannot join the
         factor: OMP (`stop_if_dependent`) stops such a row; MP and GP add the slot anyway and
         leave it out of the factor, which only the trace sees. Returns the rows [R] that added
-        a slot and, with a factor, their inner products [R, K] with the previous support.
+        a slot and, with a factor, their inner products [R, K] with the previous support and
+        the new direction's `project`ion [R, cap].
         """
         cosine_B = torch.full_like(self.x_norm_B, torch.nan)
         cosine_B[self.active_B & ~new_B] = 1.0  # matching pursuit re-picked a latent
         rows_R = (self.active_B & new_B).nonzero().squeeze(1)
-        b_RK = None
+        b_RK = w_RC = None
         if self.chol is not None:
             b_RK = self.inner_with_support(i_B, rows_R)
-            w_RK = self.chol.project(rows_R, b_RK)
-            ok_R = self.chol.add(rows_R, pos_B[rows_R], w_RK)
-            cosine_B[rows_R] = w_RK.norm(dim=1).clamp(max=1)
+            w_RC = self.chol.project(rows_R, b_RK)
+            ok_R = self.chol.add(rows_R, pos_B[rows_R], w_RC)
+            cosine_B[rows_R] = w_RC.norm(dim=1).clamp(max=1)
             if stop_if_dependent:
                 self.active_B[rows_R[~ok_R]] = False
-                rows_R, b_RK = rows_R[ok_R], b_RK[ok_R]
+                rows_R, b_RK, w_RC = rows_R[ok_R], b_RK[ok_R], w_RC[ok_R]
         pos_R, i_R = pos_B[rows_R], i_B[rows_R]
         first_R = pos_R == 0  # unused slots point at the first latent (see `select`)
         self.idx_BK[rows_R[first_R]] = i_R[first_R, None]
@@ -242,7 +243,7 @@ class _Support:
         if self.log is not None:
             self.log["selected"].append(torch.where(self.active_B, i_B, -1))
             self.log["span_cosine"].append(torch.where(self.active_B, cosine_B, torch.nan))
-        return rows_R, b_RK
+        return rows_R, b_RK, w_RC
 
     def apply(self, delta_BK: Tensor, dx_BD: Tensor | None = None,
               changed_BM: Tensor | None = None) -> None:
@@ -338,29 +339,35 @@ def gradient_pursuit(state: _Support, k: int) -> None:
 
 def orthogonal_matching_pursuit(state: _Support, k: int) -> None:
     """Orthogonal matching pursuit (Pati et al. 1993): select as gradient pursuit does, then
-    the exact least-squares weights on the support. The Cholesky factor of the support's Gram
-    matrix grows by one row per step (a triangular solve), never refactorised; the
-    non-negative variant solves NNLS on the support, warm-started from the last step.
-    Needs a `_Support` built with `cholesky=True`."""
-    assert state.chol is not None
-    y_BK = torch.zeros_like(state.val_BK)  # <x, d_s>: the least-squares right-hand side
-    gram_BKK = (state.val_BK.new_zeros(*y_BK.shape, y_BK.shape[1])
-                if state.nonnegative else None)
+    the exact least-squares weights on the support. The Cholesky factor L of the support's
+    Gram matrix grows by one row per step (a triangular solve), never refactorised, and so
+    does the forward half of the least-squares solve (L a = D_S x), leaving one triangular
+    solve (L' z = a) per step; the non-negative variant solves NNLS on the support,
+    warm-started from the last step. Needs a `_Support` built with `cholesky=True`."""
+    chol = state.chol
+    assert chol is not None
+    if state.nonnegative:  # <x, d_s> and <d_s, d_t> for NNLS
+        y_BK = torch.zeros_like(state.val_BK)
+        gram_BKK = state.val_BK.new_zeros(*y_BK.shape, y_BK.shape[1])
+    else:
+        a_BK = torch.zeros_like(state.val_BK)  # L a = <x, d_s>
     for _ in range(k):
         i_B, c_B = state.select(exclude_support=True)
         if not state.active_B.any():
             break
         pos_B, new_B = state.slot_for(i_B, reuse=False)
-        rows_R, b_RK = state.add(i_B, pos_B, new_B, stop_if_dependent=True)
+        rows_R, b_RK, w_RC = state.add(i_B, pos_B, new_B, stop_if_dependent=True)
         # <x, d_i> = <r, d_i> + sum_s z_s <d_s, d_i>: both terms are at hand, so no pass
         # over x and d_i (and no [R, d] temporaries)
         pos_R = pos_B[rows_R]
-        y_BK[rows_R, pos_R] = c_B[rows_R] + (b_RK * state.val_BK[rows_R]).sum(dim=1)
-        if gram_BKK is not None:
+        y_R = c_B[rows_R] + (b_RK * state.val_BK[rows_R]).sum(dim=1)
+        if state.nonnegative:
+            y_BK[rows_R, pos_R] = y_R
             gram_BKK[rows_R, pos_R] = b_RK
             gram_BKK[rows_R, :, pos_R] = b_RK
             gram_BKK[rows_R, pos_R, pos_R] = 1.0
             z_BK = nnls(gram_BKK, y_BK, state.live_BK, z0_BK=state.val_BK)
         else:
-            z_BK = state.chol.solve(y_BK) * state.live_BK
+            chol.extend(a_BK, rows_R, pos_R, w_RC, y_R)
+            z_BK = chol.solve(a_BK) * state.live_BK
         state.apply((z_BK - state.val_BK) * state.active_B[:, None])
