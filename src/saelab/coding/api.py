@@ -110,8 +110,8 @@ class Coder:
 
     def _rows_per_chunk(self, d: Dictionary, gram: bool) -> int:
         """Rows per chunk within _CHUNK_BYTES: per row, the correlations and one temporary as
-        large (2 n_latents), the k x k factors (3 k^2) and, on steps without the Gram
-        matrix, the support's directions (k d_model).
+        large (2 n_latents), the k x k factors and NNLS's systems with their temporaries (6 k^2)
+        and, on steps without the Gram matrix, the support's directions (k d_model).
 
         Larger chunks pay most on the Gram path: every step reads all of G (n_latents^2
         floats) once per chunk, whatever its size, so at 16k latents that read is most of a
@@ -120,7 +120,7 @@ class Coder:
         changed = 1 if self.method == "mp" else k  # slots whose weights a step changes
         stays_on_gram = gram and pursuit.gram_pays(changed, d.d_model,
                                                    screens=self._screen_LD is not None)
-        floats = 2 * d.n_latents + (0 if stays_on_gram else k * d.d_model) + 3 * k * k
+        floats = 2 * d.n_latents + (0 if stays_on_gram else k * d.d_model) + 6 * k * k
         return max(_CHUNK_BYTES // (d.unit_LD.element_size() * floats), 1)
 
 
