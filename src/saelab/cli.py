@@ -19,6 +19,7 @@ from saelab.lm import EMBEDDED_MODEL, load_model
 from saelab.reports import answer
 from saelab.verbs.compare import CompareConfig, EvaluateConfig, run_compare
 from saelab.verbs.convert import ConvertConfig, run_convert
+from saelab.verbs.dashboard import DashboardConfig, run_dashboard
 from saelab.verbs.decompose import DecomposeConfig, run_decompose
 from saelab.verbs.demo import DemoConfig, run_demo
 from saelab.verbs.info import InfoConfig, run_info
@@ -85,6 +86,14 @@ def run_decompose_verb(cfg: DecomposeConfig) -> None:
          f"{s['tokens_per_s']:.0f} tokens/s -> {cfg.out}")
 
 
+def run_dashboard_verb(cfg: DashboardConfig) -> None:
+    result = run_dashboard(cfg)
+    shown = ", ".join(str(entry["latent"]) for entry in result["latents"])
+    _say(f"{len(result['latents'])} latents ({shown}) coded by {cfg.method} on "
+         f"{result['tokens']} tokens; {result['firing_latents']} of {result['n_latents']} "
+         f"fire -> {cfg.out / 'dashboard.html'}")
+
+
 def run_train_verb(cmd: TrainCommand) -> None:
     start = time.perf_counter()
     sae = run_train(cmd)
@@ -140,6 +149,9 @@ VERBS: dict[str, tuple[type, Callable, str]] = {
                  "LM loss with reconstructions spliced in, dead and dense latents."),
     "compare": (CompareConfig, run_compare_verb, "Every coder at every L0 on the same tokens: "
                 "results.json, Pareto plots and a self-contained report.html."),
+    "dashboard": (DashboardConfig, run_dashboard_verb, "Show what a sample of an SAE's latents "
+                  "respond to under any coder: firing rates, top contexts, logit effects "
+                  "(dashboard.html, latents.json)."),
     "synth": (SynthConfig, _printed(run_synth, synth_summary), "Write an activation store of "
               "synthetic activations built from known feature directions, with the truth."),
     "demo": (DemoConfig, run_demo, "The embedded default end to end: cache Gemma 3 270M "

@@ -1,6 +1,7 @@
 """`saelab demo`: the embedded default end to end: cache activations of Gemma 3 270M on the
 built-in corpus, train a TopK SAE on them, compare the encoder with inference-time
-optimisation on held-out text, and say where the report is.
+optimisation on held-out text, draw dashboards of a sample of latents under the encoder and
+under gradient pursuit, and say where the report is.
 
 Every stage keeps its output in the demo folder and is reused when the demo runs again with
 the same settings (the cache and the SAE resume; a finished comparison is read back).
@@ -21,6 +22,7 @@ from saelab.io import write_json
 from saelab.lm import EMBEDDED_MODEL
 from saelab.reports import answer
 from saelab.verbs.compare import CompareConfig, run_compare
+from saelab.verbs.dashboard import DashboardConfig, run_dashboard
 from saelab.verbs.train import TrainCommand, run_train
 
 SITE = "blocks.6.hook_resid_post"
@@ -46,33 +48,37 @@ class _Settings:
     eval_tokens: int
     fit_tokens: int
     ks: tuple[int, ...]
+    dashboard_tokens: int
+    dashboard_latents: int
 
 
 FULL = _Settings(cache_tokens=200_000, context_size=128, n_latents=4096, k=32,
                  train_tokens=1_000_000, batch_size=4096, lr_warmup_steps=20,
-                 eval_tokens=4096, fit_tokens=4096, ks=(8, 16, 32, 64))
+                 eval_tokens=4096, fit_tokens=4096, ks=(8, 16, 32, 64), dashboard_tokens=50_000,
+                 dashboard_latents=12)
 QUICK = _Settings(cache_tokens=8_000, context_size=64, n_latents=1024, k=16,
                   train_tokens=48_000, batch_size=1000, lr_warmup_steps=10, eval_tokens=252,
-                  fit_tokens=504, ks=(8, 16))
+                  fit_tokens=504, ks=(8, 16), dashboard_tokens=4_000,
+                  dashboard_latents=4)
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Run the three stages; return the comparison's results."""
+    """Run the four stages; return the comparison's results."""
     s = QUICK if cfg.quick else FULL
     seconds: dict[str, float] = {}
     _say(f"saelab demo{' --quick' if cfg.quick else ''}: {EMBEDDED_MODEL}, built-in corpus, "
          f"{SITE} -> {cfg.out}")
-    with _stage(seconds, "cache", f"1/3 cache {s.cache_tokens} tokens of activations"):
+    with _stage(seconds, "cache", f"1/4 cache {s.cache_tokens} tokens of activations"):
         store = cache_activations(CacheConfig(out=cfg.out / "activations", site=(SITE,),
                                               tokens=s.cache_tokens,
                                               context_size=s.context_size))[SITE]
-    with _stage(seconds, "train", f"2/3 train a TopK SAE: {s.n_latents} latents, k={s.k}, "
+    with _stage(seconds, "train", f"2/4 train a TopK SAE: {s.n_latents} latents, k={s.k}, "
                 f"{s.train_tokens} tokens"):
         run_train(TrainCommand(activations=store.path, out=cfg.out / "sae",
                                architecture="topk", n_latents=s.n_latents, k=s.k,
                                tokens=s.train_tokens, batch_size=s.batch_size,
                                lr_warmup_steps=s.lr_warmup_steps))
-    with _stage(seconds, "compare", f"3/3 compare coders on {s.eval_tokens} held-out tokens "
+    with _stage(seconds, "compare", f"3/4 compare coders on {s.eval_tokens} held-out tokens "
                 f"at k={list(s.ks)}"):
         results = run_compare(CompareConfig(
             sae=str(cfg.out / "sae"), out=cfg.out / "compare", model=EMBEDDED_MODEL,
@@ -81,11 +87,28 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             skip_tokens=store.manifest["n_windows"] * (s.context_size - 1)))
     for sentence in answer(results):
         _say("  " + sentence)
+    with _stage(seconds, "inspect", f"4/4 dashboards of {s.dashboard_latents} latents under the "
+                f"encoder and under gp (k={s.k}), on {s.dashboard_tokens} tokens"):
+        dashboards = _dashboards(cfg.out, store.path, s)
     write_json(cfg.out / "timings.json", seconds)
     _say("stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) +
          f"; total {sum(seconds.values()):.0f} s")
-    _say(f"report: {cfg.out / 'compare' / 'report.html'}")
+    _say(f"report: {cfg.out / 'compare' / 'report.html'}; dashboards: "
+         + ", ".join(str(path) for path in dashboards))
     return results
+
+
+def _dashboards(out: Path, activations: Path, s: _Settings) -> list[Path]:
+    """The same latents (drawn from those the encoder fires) under the encoder and under
+    gradient pursuit at the SAE's k, so the two pages can be read side by side."""
+    common = {"sae": str(out / "sae"), "activations": activations,
+              "tokens": s.dashboard_tokens}
+    encoder = run_dashboard(DashboardConfig(out=out / "dashboard-encoder",
+                                            sample=s.dashboard_latents, **common))
+    latents = tuple(entry["latent"] for entry in encoder["latents"])
+    run_dashboard(DashboardConfig(out=out / "dashboard-gp", method="gp", k=s.k,
+                                  latents=latents, **common))
+    return [out / f"dashboard-{name}" / "dashboard.html" for name in ("encoder", "gp")]
 
 
 @contextmanager
