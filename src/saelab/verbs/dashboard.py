@@ -26,6 +26,7 @@ from saelab.formats import load_sae
 from saelab.io import write_json
 from saelab.lm import LanguageModel, load_model
 from saelab.reports.dashboard import write_dashboard
+from saelab.verbs.decompose import check_sae_matches_store
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,7 @@ def run_dashboard(cfg: DashboardConfig) -> dict[str, Any]:
     effects; write latents.json and dashboard.html; return what latents.json holds."""
     store = ActivationStore(cfg.activations)
     sae = load_sae(cfg.sae, device=cfg.device, input_scale=store.normalisation["norm_scale"])
-    if sae.d_model != store.d_model:
-        raise SaelabError("the SAE and the activations differ in width",
-                          expected=f"activations of width {sae.d_model} (the SAE's d_model)",
-                          found=f"{store.d_model} at {store.site} in {store.path}",
-                          fix="use the store of the site the SAE was trained on")
+    check_sae_matches_store(sae, store)
     n = min(cfg.tokens, len(store))
     code = _code(store, Coder(sae, cfg.method, k=cfg.k), n, cfg)
     counts_L = torch.bincount(code.indices[code.values != 0], minlength=sae.n_latents)

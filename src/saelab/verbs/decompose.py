@@ -94,6 +94,16 @@ def run_decompose(cfg: DecomposeConfig) -> dict[str, float]:
 
 
 def _check_pair(sae: SAE, store: ActivationStore, cfg: DecomposeConfig) -> None:
+    check_sae_matches_store(sae, store)
+    if cfg.method == "encoder-scaled" and cfg.scale is None and len(store) <= cfg.fit_tokens:
+        raise SaelabError("too few rows to hold some out for the scale fit",
+                          expected=f"more than --fit-tokens={cfg.fit_tokens} rows",
+                          found=f"{len(store)} rows", fix="lower --fit-tokens or pass --scale")
+
+
+def check_sae_matches_store(sae: SAE, store: ActivationStore) -> None:
+    """The SAE reads the store's width (an error otherwise); a warning if it was trained at
+    another site."""
     if sae.d_model != store.d_model:
         raise SaelabError("the SAE and the activations differ in width",
                           expected=f"activations of width {sae.d_model} (the SAE's d_model)",
@@ -102,10 +112,6 @@ def _check_pair(sae: SAE, store: ActivationStore, cfg: DecomposeConfig) -> None:
     if sae.site and sae.site != store.site:
         log.warning("the SAE was trained at %s but the activations are from %s", sae.site,
                     store.site)
-    if cfg.method == "encoder-scaled" and cfg.scale is None and len(store) <= cfg.fit_tokens:
-        raise SaelabError("too few rows to hold some out for the scale fit",
-                          expected=f"more than --fit-tokens={cfg.fit_tokens} rows",
-                          found=f"{len(store)} rows", fix="lower --fit-tokens or pass --scale")
 
 
 def _scale(cfg: DecomposeConfig, sae: SAE, store: ActivationStore) -> LatentScale:
