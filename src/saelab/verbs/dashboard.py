@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from saelab.activations import ActivationStore
 from saelab.coding import Coder, SparseCode
@@ -26,7 +25,7 @@ from saelab.formats import load_sae
 from saelab.io import write_json
 from saelab.lm import LanguageModel, load_model
 from saelab.reports.dashboard import write_dashboard
-from saelab.verbs.decompose import check_sae_matches_store
+from saelab.verbs.decompose import check_sae_matches_store, coded_batches
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +97,9 @@ def run_dashboard(cfg: DashboardConfig) -> dict[str, Any]:
 
 
 def _code(store: ActivationStore, coder: Coder, n: int, cfg: DashboardConfig) -> SparseCode:
-    codes = []
-    with tqdm(total=n, unit="tok", desc=f"{cfg.method}", disable=None) as bar:
-        for i in range(0, n, cfg.batch_size):
-            x = store[i:min(i + cfg.batch_size, n)].to(cfg.device, torch.float32)
-            code = coder(x)
-            codes.append(SparseCode(code.indices.cpu(), code.values.cpu()))
-            bar.update(len(x))
-    return SparseCode.cat(codes)
+    return SparseCode.cat([SparseCode(code.indices.cpu(), code.values.cpu()) for _, code in
+                           coded_batches(store, coder, n, cfg.batch_size, cfg.device,
+                                         cfg.method)])
 
 
 def _choose(cfg: DashboardConfig, counts_L: Tensor) -> Tensor:

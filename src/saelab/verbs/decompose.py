@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from saelab.activations import ActivationStore
@@ -72,16 +74,12 @@ def run_decompose(cfg: DecomposeConfig) -> dict[str, float]:
     codes: list[SparseCode] = []
     W_dec, b_dec = sae.W_dec.detach(), sae.b_dec.detach()
     start = time.perf_counter()
-    with tqdm(total=n, unit="tok", desc=f"{cfg.method}", disable=None) as bar:
-        for i in range(0, n, cfg.batch_size):
-            x = store[i:min(i + cfg.batch_size, n)].to(cfg.device, torch.float32)
-            code = coder(x)
-            err = x - code.decode(W_dec, b_dec)
-            sq_err += float((err.double() ** 2).sum())
-            sq_norm += float((x.double() ** 2).sum())
-            sum_x += x.double().sum(dim=0).cpu()
-            codes.append(SparseCode(code.indices.cpu(), code.values.cpu()))
-            bar.update(len(x))
+    for x, code in coded_batches(store, coder, n, cfg.batch_size, cfg.device, cfg.method):
+        err = x - code.decode(W_dec, b_dec)
+        sq_err += float((err.double() ** 2).sum())
+        sq_norm += float((x.double() ** 2).sum())
+        sum_x += x.double().sum(dim=0).cpu()
+        codes.append(SparseCode(code.indices.cpu(), code.values.cpu()))
     seconds = time.perf_counter() - start
     total = sq_norm - float(sum_x @ sum_x) / max(n, 1)  # sum ||x - mean||^2
     result = SparseCode.cat(codes)
@@ -91,6 +89,16 @@ def run_decompose(cfg: DecomposeConfig) -> dict[str, float]:
                                    "activations": str(store.path), "k": str(cfg.k),
                                    **{key: repr(v) for key, v in summary.items()}})
     return summary
+
+
+def coded_batches(store: ActivationStore, coder: Coder, n: int, batch_size: int, device: str,
+                  desc: str) -> Iterator[tuple[Tensor, SparseCode]]:
+    """(rows, their code) for the store's first n rows, batch by batch, with a progress bar."""
+    with tqdm(total=n, unit="tok", desc=desc, disable=None) as bar:
+        for i in range(0, n, batch_size):
+            x = store[i:min(i + batch_size, n)].to(device, torch.float32)
+            yield x, coder(x)
+            bar.update(len(x))
 
 
 def _check_pair(sae: SAE, store: ActivationStore, cfg: DecomposeConfig) -> None:
