@@ -81,9 +81,9 @@ def run_dashboard(cfg: DashboardConfig) -> dict[str, Any]:
     chosen = _choose(cfg, counts_L)
     acts_NS = activations_of(code, chosen, sae.n_latents)
     lm = load_model(store.model)
-    W_dec = sae.W_dec.detach().float().cpu()
-    latents = [_latent(int(i), acts_NS[:, j], store, lm, n, cfg) for j, i in enumerate(chosen)]
-    effects = logit_effects(W_dec[chosen], lm, cfg.logit_tokens)
+    latents = [_latent(int(i), acts_NS[:, j], store, lm, cfg) for j, i in enumerate(chosen)]
+    W_dec = sae.W_dec.detach()
+    effects = logit_effects(W_dec[chosen.to(W_dec.device)].float().cpu(), lm, cfg.logit_tokens)
     for entry, effect in zip(latents, effects or [None] * len(latents), strict=True):
         entry["logit_effect"] = effect
     result = {"sae": cfg.sae, "activations": str(store.path), "model": store.model,
@@ -136,7 +136,7 @@ def activations_of(code: SparseCode, latents_S: Tensor, n_latents: int) -> Tenso
     return acts_NS
 
 
-def _latent(latent: int, acts_N: Tensor, store: ActivationStore, lm: LanguageModel, n: int,
+def _latent(latent: int, acts_N: Tensor, store: ActivationStore, lm: LanguageModel,
             cfg: DashboardConfig) -> dict[str, Any]:
     """One latent's statistics and top contexts."""
     fired_N = acts_N != 0
@@ -144,8 +144,8 @@ def _latent(latent: int, acts_N: Tensor, store: ActivationStore, lm: LanguageMod
     hi = float(fired.abs().max()) if len(fired) else 0.0
     counts, edges = (torch.histogram(fired.double(), bins=HISTOGRAM_BINS) if len(fired)
                      else (torch.zeros(0), torch.zeros(0)))
-    top = acts_N.abs().topk(min(cfg.contexts, n))
-    contexts = [_context(int(row), acts_N, store, lm, n, cfg.window)
+    top = acts_N.abs().topk(min(cfg.contexts, len(acts_N)))
+    contexts = [_context(int(row), acts_N, store, lm, cfg.window)
                 for value, row in zip(top.values, top.indices, strict=True) if value > 0]
     return {"latent": latent, "frequency": float(fired_N.double().mean()),
             "fires": int(fired_N.sum()),
@@ -155,7 +155,7 @@ def _latent(latent: int, acts_N: Tensor, store: ActivationStore, lm: LanguageMod
             "contexts": contexts}
 
 
-def _context(row: int, acts_N: Tensor, store: ActivationStore, lm: LanguageModel, n: int,
+def _context(row: int, acts_N: Tensor, store: ActivationStore, lm: LanguageModel,
              window: int) -> dict[str, Any]:
     """The tokens around row's token, each with the latent's activation where it was coded
     (None before the window's first stored position or past the coded rows)."""
@@ -166,7 +166,7 @@ def _context(row: int, acts_N: Tensor, store: ActivationStore, lm: LanguageModel
     tokens = []
     for p in positions:
         other = row + p - ctx.position
-        coded = p >= first_stored and 0 <= other < n
+        coded = p >= first_stored and 0 <= other < len(acts_N)
         tokens.append({"text": lm.tokenizer.decode([ctx.token_ids[p]]),
                        "id": int(ctx.token_ids[p]),
                        "activation": float(acts_N[other]) if coded else None,
