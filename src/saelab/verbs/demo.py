@@ -3,8 +3,9 @@ built-in corpus, train a TopK SAE on them, compare the encoder with inference-ti
 optimisation on held-out text, draw dashboards of a sample of latents under the encoder and
 under gradient pursuit, and say where the report is.
 
-Every stage keeps its output in the demo folder and is reused when the demo runs again with
-the same settings (the cache and the SAE resume; a finished comparison is read back).
+Every stage keeps its output in the demo folder. The first three are reused when the demo
+runs again with the same settings (the cache and the SAE resume; a finished comparison is
+read back); the dashboards, which take seconds, are drawn again.
 """
 
 from __future__ import annotations
