@@ -1,35 +1,44 @@
 """saelab: sparse dictionaries for language-model activations.
 
     import saelab as sl
-    lm = sl.load_model("gemma-3-270m")
-    stores = sl.cache_activations(sl.CacheConfig(out="acts", tokens=20_000))
+    stores = sl.cache_activations("acts", tokens=20_000)      # Gemma 3 270M, built-in corpus
     store = sl.ActivationStore("acts")
+    sae = sl.train(sl.TrainConfig(n_latents=4096, k=32), store, out="sae")
+    code = sl.decompose(store[:4096], sae, "gp", k=32)
+
+Shape letters, the same in every module (a tensor named `x_BD` is [batch, d_model]):
+    B rows of a batch (tokens)       D d_model, an activation's width   L latents
+    K slots of a sparse code (k)     T positions of a window            V vocabulary
+    R a subset of a batch's rows     C slots a Cholesky factor holds     M candidates or
+    changed slots of a step          N blocks of latent columns          W columns of a block
+Toy models: I instances, F true features, H hidden dimensions; S sparsities, Q dropout rates,
+X repeats of a setting.
 """
 
-__version__ = "0.1.0"
-
-from saelab.activations import ActivationStore, CacheConfig, cache_activations  # noqa: E402
-from saelab.coding import Coder, SparseCode, decompose  # noqa: E402
-from saelab.errors import SaelabError  # noqa: E402
-from saelab.formats import load_sae, write_sae  # noqa: E402
-from saelab.lm import LanguageModel, load_model  # noqa: E402
-from saelab.saes import SAE, save_sae  # noqa: E402
-from saelab.training import TrainConfig, train  # noqa: E402
+from saelab.activations import ActivationStore, cache_activations
+from saelab.coding import Coder, SparseCode, decompose
+from saelab.errors import SaelabError
+from saelab.formats import load_sae, write_sae
+from saelab.io import SAELAB_VERSION as __version__
+from saelab.lm import LanguageModel, load_model
+from saelab.saes import SAE, register_architecture
+from saelab.training import TrainConfig, Trainer, train
 
 __all__ = [
+    "SAE",
     "ActivationStore",
-    "CacheConfig",
     "Coder",
     "LanguageModel",
-    "SAE",
     "SaelabError",
     "SparseCode",
     "TrainConfig",
+    "Trainer",
+    "__version__",
     "cache_activations",
     "decompose",
     "load_model",
     "load_sae",
-    "save_sae",
+    "register_architecture",
     "train",
     "write_sae",
 ]

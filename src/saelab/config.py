@@ -1,4 +1,4 @@
-"""Config dataclasses <-> command-line flags, one to one.
+"""Config dataclasses <-> command-line flags, one to one; and what a verb is.
 
 Each verb has one frozen, kw_only dataclass; every field has an attribute docstring, which
 becomes its `--help`. `add_config_arguments` turns the fields into flags (`n_latents` ->
@@ -14,14 +14,38 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import sys
 import textwrap
 import types
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Verb:
+    """A `saelab` subcommand: its config (the flags), what it runs, and the lines it prints
+    of the result. Each module in `saelab.verbs` defines one (or a few); `cli` lists them."""
+
+    config: type
+    """The frozen dataclass whose fields are the flags."""
+    run: Callable[[Any], Any]
+    """config -> result (also the verb's Python entry point)."""
+    summary: Callable[[Any], list[str]]
+    """result -> the lines printed after the run."""
+    help: str
+    """One line for `saelab --help`."""
+
+
+def say(line: str) -> None:
+    """One line of a verb's output to standard output, flushed (progress bars use stderr)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 @cache
@@ -117,15 +141,3 @@ def config_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -
         if isinstance(value, list) and get_origin(_strip_optional(hints[name])) is tuple:
             given[name] = tuple(value)
     return cls(**{**given, **overrides})
-
-
-def to_json(config: Any) -> dict[str, Any]:
-    """A config as plain JSON types (paths as strings, tuples as lists)."""
-    def plain(v: Any) -> Any:
-        if isinstance(v, Path):
-            return str(v)
-        if isinstance(v, tuple | list):
-            return [plain(x) for x in v]
-        return v
-
-    return {k: plain(v) for k, v in dataclasses.asdict(config).items()}

@@ -9,10 +9,19 @@ A store is one folder per site:
 Row r of the store is token `position_of(r)` of window `r // rows_per_window` (BOS positions
 are left out by default, so a window contributes context_size - 1 rows). Shards are opened
 with `np.load(mmap_mode="r")`: the store is never read into RAM as a whole.
+
+Opening a store checks it: the manifest, every shard's shape, and every shard's sha256
+against the manifest. Hashing reads each shard once (about 1 s per GB here); the result is
+kept in `.verified.json` beside the shards, keyed by each file's size and modification time,
+so later opens hash only shards that changed on disk since (the writer records the shards it
+wrote, so a fresh store is not hashed again). A change that keeps a file's size and mtime
+(a bit flipped by failing hardware) is caught only by `verify(force=True)`.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +31,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saelab.activations.order import batch_indices
+from saelab.distributed import World
 from saelab.errors import SaelabError
-from saelab.io import read_json, sha256_files
+from saelab.io import read_json, sha256_files, write_json
+
+log = logging.getLogger(__name__)
 
 FORMAT = "saelab-activations/1"
 MANIFEST = "manifest.json"
 TOKENS = "tokens.npy"
+VERIFIED = ".verified.json"  # shard file -> [size, mtime_ns, sha256] of its last check
+_REQUIRED = ("model", "model_fingerprint", "site", "d_model", "dtype", "context_size",
+             "exclude_bos", "n_tokens", "n_windows", "shards", "normalisation")
 
 
 @dataclass(frozen=True)
@@ -41,6 +57,31 @@ class TokenContext:
 
 def shard_name(index: int) -> str:
     return f"acts_{index:05d}.npy"
+
+
+def file_stamp(path: Path) -> list[int]:
+    """[size, mtime_ns]: what `.verified.json` keys a check on."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def record_verified(folder: Path, checked: dict[str, str]) -> None:
+    """Add shard files whose bytes hash to the manifest's sha256 to `.verified.json`
+    (silently skipped when the folder is read-only: the next open checks again)."""
+    record = _verified(folder)
+    record.update({name: [*file_stamp(folder / name), sha] for name, sha in checked.items()})
+    try:
+        write_json(folder / VERIFIED, record)
+    except OSError as err:
+        log.debug("cannot record verified shards in %s: %s", folder, err)
+
+
+def _verified(folder: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((folder / VERIFIED).read_text())
+    except (OSError, ValueError):  # absent or damaged: nothing is known verified
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def resolve_store_dir(path: Path, site: str | None) -> Path:
@@ -66,12 +107,19 @@ def resolve_store_dir(path: Path, site: str | None) -> Path:
 class ActivationStore:
     """Read activations cached by `saelab cache`: by index, or as seeded shuffled batches."""
 
-    def __init__(self, path: str | Path, site: str | None = None) -> None:
+    def __init__(self, path: str | Path, site: str | None = None, *, verify: bool = True
+                 ) -> None:
         self.path = resolve_store_dir(Path(path).expanduser(), site)
         self.manifest: dict[str, Any] = read_json(self.path / MANIFEST)
         if self.manifest.get("format") != FORMAT:
             raise SaelabError(f"{self.path / MANIFEST} is not a saelab activation store manifest",
                               expected=FORMAT, found=str(self.manifest.get("format")),
+                              fix="re-create the store with `saelab cache`")
+        absent = [key for key in _REQUIRED if key not in self.manifest]
+        if absent:
+            raise SaelabError(f"{self.path / MANIFEST} is incomplete",
+                              expected="the fields " + ", ".join(_REQUIRED),
+                              found="no " + ", ".join(absent),
                               fix="re-create the store with `saelab cache`")
         self._shards = [self._open_shard(s) for s in self.manifest["shards"]]
         rows = np.array([len(s) for s in self._shards], dtype=np.int64)
@@ -82,6 +130,8 @@ class ActivationStore:
                               found=f"{self._offsets[-1]} rows in its shards",
                               fix="re-create the store with `saelab cache`")
         self._tokens: np.ndarray | None = None
+        if verify:
+            self.verify()
 
     def _open_shard(self, entry: dict[str, Any]) -> np.ndarray:
         file = self.path / entry["file"]
@@ -134,10 +184,12 @@ class ActivationStore:
                 f"n_tokens={self.n_tokens}, d_model={self.d_model})")
 
     def require(self, *, model: str | None = None, site: str | None = None,
-                fingerprint: str | None = None) -> None:
-        """Raise unless the store was made from this model and site."""
+                fingerprint: str | None = None, d_model: int | None = None) -> None:
+        """Raise unless the store was made from this model (name, sha256) at this site, and
+        is this wide."""
         checks = [("model", model, self.model), ("site", site, self.site),
-                  ("model fingerprint", fingerprint, self.manifest["model_fingerprint"])]
+                  ("model fingerprint", fingerprint, self.manifest["model_fingerprint"]),
+                  ("width", d_model, self.d_model)]
         for what, asked, found in checks:
             if asked is not None and asked != found:
                 raise SaelabError(f"store {self.path} holds activations of another {what}",
@@ -145,14 +197,23 @@ class ActivationStore:
                                   fix="pass a store cached from that model and site, or cache one "
                                   "with `saelab cache`")
 
-    def verify(self) -> None:
-        """Check every shard's sha256 against the manifest (reads the whole store once)."""
+    def verify(self, *, force: bool = False) -> None:
+        """Check every shard's sha256 against the manifest; shards recorded as verified and
+        unchanged on disk since are skipped, unless `force` (see the module docstring)."""
+        record = {} if force else _verified(self.path)
+        checked: dict[str, str] = {}
         for entry in self.manifest["shards"]:
-            digest = sha256_files([self.path / entry["file"]])
+            file = self.path / entry["file"]
+            if record.get(entry["file"]) == [*file_stamp(file), entry["sha256"]]:
+                continue
+            digest = sha256_files([file])
             if digest != entry["sha256"]:
-                raise SaelabError(f"shard {self.path / entry['file']} is corrupt (checksum)",
+                raise SaelabError(f"shard {file} is corrupt (checksum)",
                                   expected=f"sha256 {entry['sha256']}", found=f"sha256 {digest}",
                                   fix="delete the store folder and run `saelab cache` again")
+            checked[entry["file"]] = digest
+        if checked:
+            record_verified(self.path, checked)
 
     # -- rows -------------------------------------------------------------------------------
     def __getitem__(self, index: int | slice | np.ndarray | Tensor) -> Tensor:
@@ -164,7 +225,8 @@ class ActivationStore:
         return self.rows(np.asarray(index, dtype=np.int64))
 
     def rows(self, index: np.ndarray) -> Tensor:
-        """Rows at `index` [n] in that order, gathered shard by shard."""
+        """Rows at `index` [n] in that order, gathered shard by shard (each shard read in
+        ascending row order)."""
         if index.size and (index.min() < 0 or index.max() >= len(self)):
             raise IndexError(f"row index out of range for a store of {len(self)} rows")
         shard_of = np.searchsorted(self._offsets, index, side="right") - 1  # [n]
@@ -176,58 +238,16 @@ class ActivationStore:
             out[np.flatnonzero(mask)[order]] = self._shards[s][local[order]]
         return torch.from_numpy(out)
 
-    def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                world_size: int = 1, block_rows: int = 1024, buffer_rows: int = 1 << 18,
-                drop_last: bool = False) -> Iterator[Tensor]:
-        """Batches [batch_size, d_model] of float32; a rank's batches are its own.
-
-        Shuffling permutes blocks of `block_rows` contiguous rows (so reads stay sequential),
-        deals them out to the ranks, then reads `buffer_rows` rows at a time and permutes the
-        rows inside that buffer. The same seed always gives the same batches.
-        """
-        rng = np.random.default_rng(seed)
-        n_blocks = -(-len(self) // block_rows)
-        blocks = rng.permutation(n_blocks) if shuffle else np.arange(n_blocks)
-        blocks = blocks[rank::world_size]
-        per_buffer = max(1, buffer_rows // block_rows)
-        carry = np.empty((0, self.d_model), dtype=np.float32)
-        for start in range(0, len(blocks), per_buffer):
-            chosen = np.sort(blocks[start:start + per_buffer])
-            index = (chosen[:, None] * block_rows + np.arange(block_rows)).ravel()
-            index = index[index < len(self)]  # [n] ascending
-            perm = rng.permutation(len(index)) if shuffle else None
-            data = np.empty((len(carry) + len(index), self.d_model), dtype=np.float32)  # [c + n, d]
-            data[:len(carry)] = carry
-            self._read_ascending(index, perm, data[len(carry):])
-            n_full = len(data) // batch_size
-            for b in range(n_full):
-                yield torch.from_numpy(data[b * batch_size:(b + 1) * batch_size])
-            carry = data[n_full * batch_size:]
-        if len(carry) and not drop_last:
-            yield torch.from_numpy(carry)
-
-    def _read_ascending(self, index: np.ndarray, perm: np.ndarray | None, out: np.ndarray
-                        ) -> None:
-        """out[j] = row index[perm[j]] (row index[j] without `perm`), in one copy.
-
-        Each contiguous run of the ascending `index` is read front to back from its shard's
-        map and written straight to its rows of `out`: no gathered array in between, and cold
-        pages are faulted in file order. (madvise SEQUENTIAL or WILLNEED, and preadv into a
-        staging block, measured no faster on the store of benchmarks/extract.py.)
-        """
-        dest = None
-        if perm is not None:  # the inverse permutation: row index[i] goes to out[dest[i]]
-            dest = np.empty_like(perm)
-            dest[perm] = np.arange(len(perm))
-        cuts = np.flatnonzero((np.diff(index) != 1) | np.isin(index[1:], self._offsets)) + 1
-        for a, b in zip([0, *cuts], [*cuts, len(index)]):  # runs inside one shard
-            s = int(np.searchsorted(self._offsets, index[a], side="right")) - 1
-            lo = int(index[a] - self._offsets[s])
-            run = self._shards[s][lo:lo + b - a]  # [b - a, d_model], a view of the map
-            if dest is None:
-                out[a:b] = run
-            else:
-                out[dest[a:b]] = run
+    def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
+                rank: int = 0, world_size: int = 1, drop_last: bool = False) -> Iterator[Tensor]:
+        """Float32 batches of one pass over the store, in saelab's one order
+        (`activations.order`, the order training reads): each global batch holds batch_size
+        rows and process `rank` of `world_size` gets its slice of it. The same seed and
+        epoch always give the same batches."""
+        part = World(rank, world_size).slice
+        for index in batch_indices(len(self), batch_size, shuffle=shuffle, seed=seed,
+                                   epoch=epoch, drop_last=drop_last):
+            yield self.rows(index[part(len(index))])
 
     # -- provenance ---------------------------------------------------------------------------
     @property
@@ -237,7 +257,20 @@ class ActivationStore:
     def token_ids(self) -> np.ndarray:
         """Token ids [n_windows, context_size] of every window (memory-mapped)."""
         if self._tokens is None:
-            self._tokens = np.load(self.path / TOKENS, mmap_mode="r")
+            try:
+                tokens = np.load(self.path / TOKENS, mmap_mode="r")
+            except (OSError, ValueError) as err:  # missing, or shorter than its header says
+                raise SaelabError(f"{self.path / TOKENS} is missing or truncated",
+                                  expected="int32 token ids [n_windows, context_size]",
+                                  found=str(err).splitlines()[0],
+                                  fix="delete the store folder and run `saelab cache` again"
+                                  ) from err
+            if tokens.shape != (self.manifest["n_windows"], self.context_size):
+                raise SaelabError(f"{self.path / TOKENS} has the wrong shape",
+                                  expected=f"({self.manifest['n_windows']}, {self.context_size})",
+                                  found=str(tokens.shape),
+                                  fix="delete the store folder and run `saelab cache` again")
+            self._tokens = tokens
         return self._tokens
 
     def context(self, row: int) -> TokenContext:

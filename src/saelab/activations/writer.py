@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from saelab.activations.store import FORMAT, MANIFEST, TOKENS, shard_name
+from saelab.activations.store import FORMAT, MANIFEST, TOKENS, record_verified, shard_name
 from saelab.errors import SaelabError
 from saelab.io import atomic_write, read_json, write_json
 
@@ -83,6 +83,8 @@ def finalise(folder: Path, n_shards: int, tokens: np.ndarray, header: dict[str, 
         },
         "python": sys.version.split()[0],
     })
+    # the bytes of each shard were hashed as they were written: no need to read them again
+    record_verified(folder, {shard_name(i): s["sha256"] for i, s in enumerate(sidecars)})
     for i in range(n_shards):
         _sidecar(folder, i).unlink()
     for stale in folder.glob(".*.tmp"):  # a killed run's half-written file (every rank is done)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -14,10 +14,22 @@ from saelab.coding.correlations import BlockedGram
 from saelab.coding.dictionary import Dictionary, SAELike, as_dictionary
 from saelab.errors import SaelabError
 
+# The one list of coder names: every verb, sweep and report takes its names from here.
 Method = Literal["encoder", "encoder-refit", "encoder-scaled", "mp", "gp", "omp"]
 METHODS: tuple[str, ...] = get_args(Method)
-PURSUITS = {"mp": pursuit.matching_pursuit, "gp": pursuit.gradient_pursuit,
-            "omp": pursuit.orthogonal_matching_pursuit}
+ENCODER_METHODS: tuple[str, ...] = METHODS[:3]  # the encoder and its fixes: its own support
+PURSUIT_METHODS: tuple[str, ...] = METHODS[3:]  # inference-time optimisation, at any k
+PURSUITS = dict(zip(PURSUIT_METHODS, (pursuit.matching_pursuit, pursuit.gradient_pursuit,
+                                      pursuit.orthogonal_matching_pursuit), strict=True))
+
+
+class CodingPlan(NamedTuple):
+    """How a `Coder` will code a batch of a given size."""
+
+    gram: bool
+    """Whether pursuits update correlations through the Gram matrix (built on first use)."""
+    rows_per_chunk: int
+    """Rows coded at once, within the working-memory budget."""
 _GRAM_BYTES = 2 * 2**30  # the Gram matrix is kept in memory up to this size ("auto")
 _CHUNK_BYTES = 2**30  # working memory for one chunk of rows
 
@@ -53,12 +65,26 @@ class Coder:
             self._gram_matrix = None
             self._screen_LD = (self._dict.unit_LD.to(torch.bfloat16)
                                if self.bf16_screen and self.method in PURSUITS else None)
+            if (self.scale is not None and self.scale.per_latent
+                    and len(self.scale.scale) != self._dict.n_latents):
+                raise SaelabError("the scale does not fit this dictionary",
+                                  expected=f"a scale per latent of {self._dict.n_latents}",
+                                  found=f"{len(self.scale.scale)} latents' scales",
+                                  fix="fit the scale on this SAE (fit_scale), or drop --scale")
             if self.method == "omp" and self.k is not None and self.k > self._dict.d_model:
                 raise SaelabError(f"omp cannot select k={self.k} latents in d_model="
                                   f"{self._dict.d_model} dimensions",
                                   expected=f"k <= {self._dict.d_model}", found=f"k={self.k}",
                                   fix="lower --k, or use gp or mp")
         return self._dict
+
+    def plan(self, n_rows: int, device: torch.device | str = "cpu") -> CodingPlan:
+        """How a batch of `n_rows` rows on `device` will be coded (nothing is computed but
+        the dictionary's unit rows)."""
+        d = self.dictionary(torch.device(device))
+        gram = self.method in PURSUITS and (self._gram_matrix is not None
+                                            or self._wants_gram(d, n_rows))
+        return CodingPlan(gram, self.chunk_size or self._rows_per_chunk(d, gram))
 
     def __call__(self, x: Tensor, *, return_trace: bool = False) -> SparseCode:
         """The sparse code of each row of x [batch, d_model] (with `return_trace`, pursuits
@@ -99,14 +125,15 @@ class Coder:
     def _gram(self, d: Dictionary, batch: int) -> BlockedGram | None:
         """G = D D' when allowed and worth it: it costs as much as coding n_latents / k rows
         with one GEMM per step, and pays back only on larger batches."""
-        if self._gram_matrix is None:
-            size = d.n_latents**2 * d.unit_LD.element_size()
-            k = self.k or d.d_model
-            wanted = self.gram is True or (self.gram == "auto" and size <= _GRAM_BYTES
-                                          and batch * k >= d.n_latents)
-            if wanted:
-                self._gram_matrix = BlockedGram(d.unit_LD)
+        if self._gram_matrix is None and self._wants_gram(d, batch):
+            self._gram_matrix = BlockedGram(d.unit_LD)
         return self._gram_matrix
+
+    def _wants_gram(self, d: Dictionary, batch: int) -> bool:
+        size = d.n_latents**2 * d.unit_LD.element_size()
+        k = self.k or d.d_model
+        return self.gram is True or (self.gram == "auto" and size <= _GRAM_BYTES
+                                     and batch * k >= d.n_latents)
 
     def _rows_per_chunk(self, d: Dictionary, gram: bool) -> int:
         """Rows per chunk within _CHUNK_BYTES: per row, the correlations and one temporary as

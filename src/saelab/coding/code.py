@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from saelab.errors import SaelabError
-from saelab.io import atomic_write
+from saelab.io import atomic_write, read_safetensors
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,21 @@ class SparseCode:
         """Non-zero latents per row [batch]."""
         return (self.values != 0).sum(dim=1)
 
+    def support(self, n_latents: int) -> Tensor:
+        """[batch, n_latents] bool: the latents with a non-zero value in each row (a latent
+        in two slots counts once; an unused slot, value 0, marks nothing)."""
+        on_BL = torch.zeros(len(self), n_latents, dtype=torch.int8, device=self.values.device)
+        return on_BL.scatter_reduce_(1, self.indices, (self.values != 0).to(torch.int8),
+                                     "amax").bool()
+
+    def firing_counts(self, n_latents: int, chunk: int = 4096) -> Tensor:
+        """How many rows each latent fires on [n_latents] int64 (the support's column sums,
+        `chunk` rows at a time so memory stays bounded)."""
+        counts_L = torch.zeros(n_latents, dtype=torch.int64, device=self.values.device)
+        for at in range(0, len(self), chunk):
+            counts_L += self[at:at + chunk].support(n_latents).sum(dim=0)
+        return counts_L
+
     def to_dense(self, n_latents: int) -> Tensor:
         """The code as a dense [batch, n_latents] tensor (slots of one latent are summed)."""
         dense_BL = self.values.new_zeros(len(self), n_latents)
@@ -109,18 +124,17 @@ class SparseCode:
 
     @staticmethod
     def load(path: str | Path) -> SparseCode:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise SaelabError(f"cannot read sparse codes from {path}",
-                              expected="a safetensors file written by SparseCode.save",
-                              found=str(err), fix="write it again with `saelab decompose`") from err
+        """Codes written by `save` (one clear error for a broken or foreign file)."""
+        tensors = read_safetensors(Path(path))
         missing = {"indices", "values"} - set(tensors)
         if missing:
             raise SaelabError(f"{path} is not a saelab code file", expected="indices and values",
                               found=", ".join(sorted(tensors)) or "no tensors",
-                              fix="write it with SparseCode.save")
+                              fix="write it with SparseCode.save (`saelab decompose` does)")
+        if tensors["indices"].shape != tensors["values"].shape or tensors["indices"].dim() != 2:
+            raise SaelabError(f"{path} holds codes of mismatched shapes",
+                              expected="indices and values both [batch, k]",
+                              found=f"{list(tensors['indices'].shape)} and "
+                              f"{list(tensors['values'].shape)}",
+                              fix="write it again with SparseCode.save")
         return SparseCode(tensors["indices"], tensors["values"])

@@ -18,7 +18,7 @@ from saelab.coding.code import SparseCode
 from saelab.coding.dictionary import Dictionary, SAELike, as_dictionary
 from saelab.coding.linalg import nnls, solve_masked
 from saelab.errors import SaelabError
-from saelab.io import atomic_write
+from saelab.io import atomic_write, read_safetensors
 
 
 def encoder_code(d: Dictionary, x_BD: Tensor) -> SparseCode:
@@ -67,12 +67,12 @@ class LatentScale:
 
     @staticmethod
     def load(path: str | Path) -> LatentScale:
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-        if "scale" not in tensors:
-            raise SaelabError(f"{path} is not a saelab scale file", expected="a tensor 'scale'",
-                              found=", ".join(tensors) or "no tensors",
+        tensors = read_safetensors(Path(path))
+        if "scale" not in tensors or tensors["scale"].dim() > 1:
+            raise SaelabError(f"{path} is not a saelab scale file",
+                              expected="a tensor 'scale', [] or [n_latents]",
+                              found=", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items())
+                              or "no tensors",
                               fix="write it with LatentScale.save")
         return LatentScale(tensors["scale"])
 

@@ -19,9 +19,18 @@ LOG10_DENSITY_BINS = np.linspace(-6.0, 0.0, 49)  # density histogram edges, log1
 VALUE_SAMPLE = 200_000  # non-zero values kept per coder for the magnitude histogram
 
 
+def fvu(x_BD: Tensor, x_hat_BD: Tensor) -> float:
+    """Fraction of variance unexplained of one batch: ReconstructionMetrics over it."""
+    metrics = ReconstructionMetrics()
+    metrics.update(x_BD, x_hat_BD)
+    return metrics.fvu
+
+
 @dataclass
 class ReconstructionMetrics:
-    """FVU, MSE, cosine and L0 over every token seen."""
+    """FVU, MSE, cosine and L0 over every token seen: the one definition of FVU,
+    sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, the mean taken per dimension over all the
+    tokens seen."""
 
     tokens: int = 0
     sq_err: float = 0.0
@@ -30,7 +39,8 @@ class ReconstructionMetrics:
     sum_x: Tensor | None = None
     l0_counts: dict[int, int] = field(default_factory=dict)
 
-    def update(self, x_BD: Tensor, x_hat_BD: Tensor, code: SparseCode) -> None:
+    def update(self, x_BD: Tensor, x_hat_BD: Tensor, code: SparseCode | None = None) -> None:
+        """Add a batch (and the code it was decoded from, for the L0 histogram)."""
         x, x_hat = x_BD.double(), x_hat_BD.double()
         self.tokens += len(x)
         self.sq_err += float((x - x_hat).pow(2).sum())
@@ -38,15 +48,22 @@ class ReconstructionMetrics:
         self.cosine_sum += float(torch.nn.functional.cosine_similarity(x, x_hat, dim=1).sum())
         sum_x = x.sum(dim=0).cpu()
         self.sum_x = sum_x if self.sum_x is None else self.sum_x + sum_x
-        l0s, counts = code.l0().cpu().unique(return_counts=True)
-        for l0, count in zip(l0s.tolist(), counts.tolist(), strict=True):
-            self.l0_counts[l0] = self.l0_counts.get(l0, 0) + count
+        if code is not None:
+            l0s, counts = code.l0().cpu().unique(return_counts=True)
+            for l0, count in zip(l0s.tolist(), counts.tolist(), strict=True):
+                self.l0_counts[l0] = self.l0_counts.get(l0, 0) + count
+
+    @property
+    def fvu(self) -> float:
+        if self.sum_x is None:
+            return float("nan")
+        centred = self.sq_norm - float(self.sum_x @ self.sum_x) / self.tokens
+        return self.sq_err / max(centred, 1e-300)
 
     def result(self) -> dict[str, float | dict[str, int]]:
         n = max(self.tokens, 1)
-        centred = self.sq_norm - float(self.sum_x @ self.sum_x) / n if self.tokens else 0.0
         l0_mean = sum(k * c for k, c in self.l0_counts.items()) / n
-        return {"tokens": self.tokens, "fvu": self.sq_err / max(centred, 1e-300),
+        return {"tokens": self.tokens, "fvu": self.fvu,
                 "mse": self.sq_err / n, "cosine": self.cosine_sum / n, "l0": l0_mean,
                 "l0_histogram": {str(k): self.l0_counts[k] for k in sorted(self.l0_counts)}}
 
@@ -67,11 +84,8 @@ class LatentUsage:
     def update(self, code: SparseCode) -> None:
         active = code.values != 0
         self.tokens += len(code)
-        # a latent in two slots of a row (matching pursuit re-picks) fires once on that token;
-        # "amax" also keeps an unused slot (value 0, meaningless index) from erasing a firing
-        on_BL = torch.zeros(len(code), self.n_latents, dtype=torch.int8, device=active.device)
-        on_BL.scatter_reduce_(1, code.indices, active.to(torch.int8), "amax")
-        self.fires += on_BL.sum(dim=0).cpu()
+        # a latent in two slots of a row (matching pursuit re-picks) fires once on that token
+        self.fires += code.firing_counts(self.n_latents).cpu()
         if self.kept < VALUE_SAMPLE:
             vals = code.values[active].detach().float().cpu()[: VALUE_SAMPLE - self.kept]
             self.values.append(vals)

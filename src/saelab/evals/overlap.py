@@ -8,13 +8,6 @@ from torch import Tensor
 from saelab.coding import SparseCode
 
 
-def support(code: SparseCode, n_latents: int) -> Tensor:
-    """[batch, n_latents] bool: the latents with a non-zero value in each row."""
-    on_BL = torch.zeros(len(code), n_latents, dtype=torch.int8, device=code.values.device)
-    return on_BL.scatter_reduce_(1, code.indices, (code.values != 0).to(torch.int8),
-                                 "amax").bool()
-
-
 def jaccard(a_BL: Tensor, b_BL: Tensor) -> Tensor:
     """Per-row |A and B| / |A or B| of two supports [batch] (1 where both are empty)."""
     inter = (a_BL & b_BL).sum(dim=1)

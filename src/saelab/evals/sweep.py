@@ -18,15 +18,22 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.coding import METHODS, Coder, LatentScale, PursuitTrace, SparseCode
-from saelab.coding.api import PURSUITS
+from saelab.coding import (
+    ENCODER_METHODS,
+    METHODS,
+    PURSUIT_METHODS,
+    Coder,
+    LatentScale,
+    PursuitTrace,
+    SparseCode,
+)
+from saelab.errors import SaelabError
 from saelab.evals.metrics import LOG10_DENSITY_BINS, LatentUsage, ReconstructionMetrics
-from saelab.evals.overlap import jaccard, order_cosines, support, top_kept
+from saelab.evals.overlap import jaccard, order_cosines, top_kept
 from saelab.evals.splice import CleanPass, clean_pass, spliced_loss
 from saelab.lm import LanguageModel
 from saelab.saes import SAE
 
-ENCODER_CODERS = ("encoder", "encoder-refit", "encoder-scaled")
 GEOMETRY_EDGES = np.linspace(0.0, 1.0, 41)  # cosine-to-span histogram edges
 TOP_M = 8  # overlap: how many of the encoder's largest latents a pursuit keeps
 
@@ -49,13 +56,11 @@ def plan(coders: Sequence[str], ks: Sequence[int], matched_k: int) -> list[Coder
     encoder's L0, rounded), so that every coder has a row at the same L0."""
     unknown = [c for c in coders if c not in METHODS]
     if unknown:
-        from saelab.errors import SaelabError
-
         raise SaelabError(f"unknown coder {unknown[0]!r}", expected=", ".join(METHODS),
                           found=", ".join(coders), fix="pick coders from that list")
     pursuit_ks = sorted({*ks, matched_k})
-    return [CoderSpec(c) for c in coders if c in ENCODER_CODERS] + [
-        CoderSpec(c, k) for c in coders if c in PURSUITS for k in pursuit_ks]
+    return [CoderSpec(c) for c in coders if c in ENCODER_METHODS] + [
+        CoderSpec(c, k) for c in coders if c in PURSUIT_METHODS for k in pursuit_ks]
 
 
 @dataclass
@@ -114,7 +119,7 @@ def run_sweep(lm: LanguageModel, sae: SAE, site: str, windows: np.ndarray,
 def _score(t: _Track, lm: LanguageModel, site: str, clean: CleanPass, x_ND: Tensor,
            W_dec: Tensor, b_dec: Tensor, trace: bool) -> SparseCode:
     began = time.perf_counter()
-    code = t.coder(x_ND, return_trace=trace and t.spec.coder in PURSUITS)
+    code = t.coder(x_ND, return_trace=trace and t.spec.coder in PURSUIT_METHODS)
     t.seconds += time.perf_counter() - began
     x_hat_ND = code.decode(W_dec, b_dec)
     t.recon.update(x_ND, x_hat_ND, code)
@@ -141,7 +146,7 @@ def _overlap(matched: list[_Track], codes: dict[CoderSpec, SparseCode], n_latent
              pairs: np.ndarray, kept: np.ndarray) -> None:
     """Add this batch's mean Jaccard of every pair of supports at the matched L0, and the
     fraction of the encoder's TOP_M largest latents each coder keeps."""
-    supports = [support(codes[t.spec], n_latents) for t in matched]
+    supports = [codes[t.spec].support(n_latents) for t in matched]
     for i, a in enumerate(supports):
         for j, b in enumerate(supports):
             pairs[i, j] += float(jaccard(a, b).double().mean())

@@ -27,11 +27,11 @@ from torch import Tensor
 
 from saelab.errors import SaelabError
 from saelab.formats.bias import encoder_bias
+from saelab.formats.build import build_sae
 from saelab.formats.files import read_torch
-from saelab.io import atomic_write, write_json
-from saelab.lm.sites import _SITE_RE
-from saelab.saes.base import SAE
-from saelab.saes.io import build_sae, read_config
+from saelab.io import atomic_write, read_json, write_json
+from saelab.lm.sites import SITE_PATTERN
+from saelab.saes import REGISTRY, SAE
 
 AE, CONFIG = "ae.pt", "config.json"
 # dict_class -> (saelab architecture, whether its encoder subtracts b_dec first)
@@ -39,8 +39,11 @@ CLASSES = {"AutoEncoder": ("relu", True), "AutoEncoderNew": ("relu", False),
            "AutoEncoderTopK": ("topk", True), "BatchTopKSAE": ("batchtopk", True),
            "MatryoshkaBatchTopKSAE": ("batchtopk", True),
            "JumpReluAutoEncoder": ("jumprelu", False)}
-_WRITTEN_AS = {"relu": "AutoEncoder", "topk": "AutoEncoderTopK", "batchtopk": "BatchTopKSAE",
-               "jumprelu": "JumpReluAutoEncoder"}
+# saelab architecture -> the dict_class it is written as
+WRITTEN_AS = {"relu": "AutoEncoder", "topk": "AutoEncoderTopK", "batchtopk": "BatchTopKSAE",
+              "jumprelu": "JumpReluAutoEncoder"}
+# dict_classes that store saelab's own tensor names (the others: nn.Linear's)
+_OWN_NAMES = {"MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder"}
 # dictionary_learning tensor name -> (saelab name, whether it is stored transposed)
 _NAMES = {"encoder.weight": ("W_enc", True), "decoder.weight": ("W_dec", True),
           "encoder.bias": ("b_enc", False), "bias": ("b_dec", False),
@@ -54,7 +57,7 @@ def read(folder: Path) -> SAE:
     if not (folder / CONFIG).is_file():
         raise SaelabError(f"{folder} has {AE} but no {CONFIG}", expected=f"{AE} + {CONFIG}",
                           found=AE, fix=f"copy the {CONFIG} written beside it by training")
-    trainer = read_config(folder / CONFIG).get("trainer")
+    trainer = read_json(folder / CONFIG).get("trainer")
     if not isinstance(trainer, dict) or trainer.get("dict_class") not in CLASSES:
         raise SaelabError(f"{folder / CONFIG} names a dictionary saelab cannot run",
                           expected="trainer.dict_class one of " + ", ".join(CLASSES),
@@ -68,15 +71,15 @@ def read(folder: Path) -> SAE:
     for key, value in raw.items():
         new, transposed = _NAMES.get(key, (key, False))
         state[new] = value.T if transposed else value
-    if name in ("relu", "topk"):
-        state.pop("threshold", None)  # TopK's optional inference threshold; its encode ignores it
-    return build_sae(name, state, source=folder / AE, k=k, apply_b_dec_to_input=subtracts,
-                     site=_site(trainer, folder), model=trainer.get("lm_name"))
+    # a TopK's optional inference threshold is left out by the builder: its encode ignores it
+    return build_sae(REGISTRY[name], state, source=folder / AE, hyperparameters={"k": k},
+                     apply_b_dec_to_input=subtracts, site=_site(trainer, folder),
+                     model=trainer.get("lm_name"))
 
 
 def _site(trainer: dict[str, Any], folder: Path) -> str | None:
     submodule = str(trainer.get("submodule_name") or "")
-    if _SITE_RE.match(submodule):
+    if SITE_PATTERN.match(submodule):
         return submodule
     for text in (submodule, folder.parent.name, folder.name):
         found = re.search(r"(resid_post|mlp_out|attn_out)_layer_(\d+)", text)
@@ -88,15 +91,20 @@ def _site(trainer: dict[str, Any], folder: Path) -> str | None:
 
 def write(sae: SAE, out: Path) -> Path:
     """`out/ae.pt` + `out/config.json`, loadable by dictionary_learning's own classes."""
-    dict_class = _WRITTEN_AS[sae.architecture]
+    dict_class = WRITTEN_AS.get(sae.architecture)
+    if dict_class is None:
+        raise SaelabError(f"dictionary_learning has no counterpart of a {sae.architecture} SAE",
+                          expected="an SAE of architecture " + ", ".join(WRITTEN_AS),
+                          found=sae.architecture, fix="convert to saelens instead")
     ours = sae.state_dict()
-    if sae.architecture == "jumprelu":
-        state = {**ours, "b_enc": encoder_bias(sae, False)}
+    _, subtracts = CLASSES[dict_class]
+    if dict_class in _OWN_NAMES:
+        state = {**ours, "b_enc": encoder_bias(sae, subtracts)}
     else:
-        state = {"encoder.weight": ours["W_enc"].T, "encoder.bias": encoder_bias(sae, True),
+        state = {"encoder.weight": ours["W_enc"].T, "encoder.bias": encoder_bias(sae, subtracts),
                  "decoder.weight": ours["W_dec"].T,
-                 ("bias" if sae.architecture == "relu" else "b_dec"): ours["b_dec"]}
-    if sae.architecture in ("topk", "batchtopk"):  # threshold -1: dictionary_learning's "unset"
+                 ("bias" if dict_class == "AutoEncoder" else "b_dec"): ours["b_dec"]}
+    if "k" in sae.hyperparameter_names:  # threshold -1: dictionary_learning's "unset"
         state["k"] = torch.tensor(sae.hyperparameters()["k"], dtype=torch.int32)
         state["threshold"] = ours.get("threshold", torch.tensor(-1.0)).float()
     state = {key: value.detach().cpu().contiguous() for key, value in state.items()}
@@ -106,7 +114,7 @@ def write(sae: SAE, out: Path) -> Path:
 
 
 def _trainer_config(sae: SAE, dict_class: str) -> dict[str, Any]:
-    match = _SITE_RE.match(sae.site or "")
+    match = SITE_PATTERN.match(sae.site or "")
     kind = {hook: word for word, hook in _KINDS.items()}.get(match.group(2) if match else "")
     return {"trainer_class": "saelab", "dict_class": dict_class,
             "activation_dim": sae.d_model, "dict_size": sae.n_latents,

@@ -16,10 +16,11 @@ import re
 from pathlib import Path
 
 from saelab.errors import SaelabError
+from saelab.formats.build import build_sae, fold_code_scale
 from saelab.formats.files import read_npz
 from saelab.formats.sites import site_from_module
-from saelab.saes.base import SAE
-from saelab.saes.io import build_sae, fold_code_scale, read_config, read_safetensors
+from saelab.io import read_json, read_safetensors
+from saelab.saes import SAE, JumpReluSAE
 
 NPZ, SAFETENSORS, CONFIG = "params.npz", "params.safetensors", "config.json"
 # The site each release's kind of SAE reads, in saelab's names.
@@ -40,8 +41,8 @@ def read(folder: Path) -> SAE:
     state = {_KEYS.get(key, key): value for key, value in tensors.items()}
     if "W_dec" in state:
         fold_code_scale(state, source)
-    return build_sae("jumprelu", state, source=source, apply_b_dec_to_input=False,
-                     site=site, model=model)
+    return build_sae(JumpReluSAE, state, source=source, hyperparameters={},
+                     apply_b_dec_to_input=False, site=site, model=model)
 
 
 def _v1_site(folder: Path) -> tuple[str | None, str | None]:
@@ -60,7 +61,7 @@ def _v1_site(folder: Path) -> tuple[str | None, str | None]:
 def _v2_site(folder: Path) -> tuple[str | None, str | None]:
     """Site and model from `config.json` when there is one, else from the path
     (`.../gemma-scope-2-1b-pt/resid_post/layer_12_width_16k_l0_small/`)."""
-    cfg = read_config(folder / CONFIG) if (folder / CONFIG).is_file() else {}
+    cfg = read_json(folder / CONFIG) if (folder / CONFIG).is_file() else {}
     text = folder.resolve().as_posix() + "/"
     if "transcoder" in text or "hf_hook_point_out" in cfg or "affine_connection" in cfg:
         raise SaelabError(f"{folder} holds a transcoder, not an SAE",

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 
 from saelab.errors import SaelabError
-from saelab.formats import dictionary_learning, gemmascope, sparsify
+from saelab.formats import dictionary_learning, gemmascope, saelens, sparsify
 from saelab.formats.hub import resolve
-from saelab.saes import io as saelens
-from saelab.saes.base import SAE
+from saelab.saes import SAE
 
 Format = Literal["saelens", "sparsify", "dictionary_learning", "gemmascope"]
 WritableFormat = Literal["saelens", "sparsify", "dictionary_learning"]
@@ -34,8 +33,7 @@ READERS: dict[Format, Callable[[Path], SAE]] = {
     "sparsify": sparsify.read, "dictionary_learning": dictionary_learning.read,
     "gemmascope": gemmascope.read}
 WRITERS: dict[WritableFormat, Callable[[SAE, Path], Path]] = {
-    "saelens": saelens.save_sae, "sparsify": sparsify.write,
-    "dictionary_learning": dictionary_learning.write}
+    "sparsify": sparsify.write, "dictionary_learning": dictionary_learning.write}
 
 
 class Located(NamedTuple):
@@ -84,17 +82,19 @@ def load_sae(spec: str | Path, *, device: str | torch.device = "cpu",
     `input_scale` (sqrt(d_model / mean squared norm) of the activations). Weights are cast to
     `dtype` (float32 by default: pursuits need it)."""
     found = locate(spec)
-    if found.format == "saelens":
-        sae = saelens.load_sae(found.folder, input_scale=found.input_scale or input_scale)
+    if found.format == "saelens":  # the one layout that may need the input scale
+        sae = saelens.read(found.folder, input_scale=found.input_scale or input_scale)
     else:
         sae = READERS[found.format](found.folder)
     return sae.to(device=device, dtype=dtype)
 
 
-def write_sae(sae: SAE, out: str | Path, fmt: WritableFormat = "saelens") -> Path:
+def write_sae(sae: SAE, out: str | Path, fmt: WritableFormat = "saelens", *,
+              metadata: dict[str, Any] | None = None) -> Path:
     """Write `sae` in layout `fmt` under `out`; returns the SAE's folder (for sparsify
-    `out/HOOKPOINT`, as its runs are laid out)."""
-    if fmt not in WRITERS:
+    `out/HOOKPOINT`, as its runs are laid out). `metadata` (JSON values) is recorded in the
+    saelens layout's cfg.json; the other layouts have no place for it."""
+    if fmt != "saelens" and fmt not in WRITERS:
         raise SaelabError(f"saelab cannot write the {fmt!r} layout",
                           expected=" or ".join(get_args(WritableFormat)), found=repr(fmt),
                           fix="pick one of them")
@@ -103,4 +103,6 @@ def write_sae(sae: SAE, out: str | Path, fmt: WritableFormat = "saelens") -> Pat
         raise SaelabError(f"{out} already holds an SAE in the {there} layout",
                           expected=f"an empty folder or one holding a {fmt} SAE",
                           found=f"{there} files", fix="pick another --out")
+    if fmt == "saelens":
+        return saelens.write(sae, Path(out), metadata)
     return WRITERS[fmt](sae, Path(out))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from saelab.lm.sites import _SITE_RE, FAMILIES, HOOKS, Family, Side, _module_of
+from saelab.lm.sites import FAMILIES, HOOKS, SITE_PATTERN, Family, Side, module_of
 
 # Substrings of a model name that tell its family (checked in this order).
 _FAMILY_HINTS = (("gemma-3", "gemma3"), ("gemma3", "gemma3"), ("gemma-2", "gemma2"),
@@ -29,7 +29,7 @@ def family_for_model(model: str | None) -> Family | None:
 
 def site_from_module(path: str, side: Side, model: str | None = None) -> str | None:
     """The site read at `path`'s input or output (a TransformerLens name passes through)."""
-    if _SITE_RE.match(path):
+    if SITE_PATTERN.match(path):
         return path
     family = family_for_model(model)
     families = [family] if family else list({id(f): f for f in FAMILIES.values()}.values())
@@ -41,7 +41,7 @@ def site_from_module(path: str, side: Side, model: str | None = None) -> str | N
             continue
         layer = int(match.group(2))
         for hook in HOOKS:
-            module, module_side = _module_of(fam, layer, hook)
+            module, module_side = module_of(fam, layer, hook)
             if module_side == side and f".{module}".endswith(f".{match.group(1)}"):
                 found.add(f"blocks.{layer}.{hook}")
     return found.pop() if len(found) == 1 else None
@@ -50,10 +50,10 @@ def site_from_module(path: str, side: Side, model: str | None = None) -> str | N
 def module_for_site(site: str | None, model: str | None = None) -> str | None:
     """The base-model module whose output is `site` (sparsify's hookpoint), or None when the
     site is a module's input or not a saelab site. Llama's layout when the model is unknown."""
-    match = _SITE_RE.match(site or "")
+    match = SITE_PATTERN.match(site or "")
     if not match or match.group(2) not in HOOKS:
         return None
     family = family_for_model(model) or FAMILIES["llama"]
-    module, side = _module_of(family, int(match.group(1)), match.group(2))
+    module, side = module_of(family, int(match.group(1)), match.group(2))
     prefix = family.blocks.rsplit(".", 1)[0] + "." if "." in family.blocks else ""
     return module.removeprefix(prefix) if side == "out" else None

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from saelab.errors import SaelabError
 from saelab.formats.bias import encoder_bias
+from saelab.formats.build import build_sae
 from saelab.formats.sites import module_for_site, site_from_module
-from saelab.io import atomic_write, write_json
-from saelab.saes.base import SAE
-from saelab.saes.io import build_sae, read_config, read_safetensors
+from saelab.io import atomic_write, read_json, read_safetensors, write_json
+from saelab.saes import SAE, TopKSAE
 
 CFG, WEIGHTS, RUN_CONFIG = "cfg.json", "sae.safetensors", "config.json"
 _NAMES = {"encoder.weight": "W_enc", "encoder.bias": "b_enc"}
@@ -25,7 +25,7 @@ _NAMES = {"encoder.weight": "W_enc", "encoder.bias": "b_enc"}
 
 def read(folder: Path) -> SAE:
     """The TopK SAE in a sparsify hookpoint folder."""
-    cfg = read_config(folder / CFG)
+    cfg = read_json(folder / CFG)
     kind = ("a transcoder" if cfg.get("transcode") else "a skip connection"
             if cfg.get("skip_connection") else None)
     if kind or cfg.get("activation", "topk") != "topk" or not isinstance(cfg.get("k"), int):
@@ -38,8 +38,8 @@ def read(folder: Path) -> SAE:
     if "W_enc" in state:
         state["W_enc"] = state["W_enc"].T  # nn.Linear's [n_latents, d_in]
     run = folder.parent / RUN_CONFIG
-    model = read_config(run).get("model") if run.is_file() else None
-    return build_sae("topk", state, source=folder / WEIGHTS, k=cfg["k"],
+    model = read_json(run).get("model") if run.is_file() else None
+    return build_sae(TopKSAE, state, source=folder / WEIGHTS, hyperparameters={"k": cfg["k"]},
                      apply_b_dec_to_input=True, site=site_from_module(folder.name, "out", model),
                      model=model)
 
@@ -47,7 +47,7 @@ def read(folder: Path) -> SAE:
 def write(sae: SAE, out: Path) -> Path:
     """`out/HOOKPOINT/` as sparsify lays it out (the site's module, else the site's name);
     returns that folder. Only TopK SAEs: sparsify has no other activation."""
-    if sae.architecture != "topk":
+    if not isinstance(sae, TopKSAE):  # sparsify has one activation: TopK of ReLU
         raise SaelabError(f"sparsify has no {sae.architecture} SAE", expected="a topk SAE",
                           found=sae.architecture, fix="convert to saelens or dictionary_learning")
     from safetensors.torch import save
@@ -59,7 +59,7 @@ def write(sae: SAE, out: Path) -> Path:
     atomic_write(folder / WEIGHTS, lambda f: f.write(data))
     write_json(folder / CFG, {
         "activation": "topk", "expansion_factor": max(1, sae.n_latents // sae.d_model),
-        "normalize_decoder": True, "num_latents": sae.n_latents, "k": sae.hyperparameters()["k"],
+        "normalize_decoder": True, "num_latents": sae.n_latents, "k": sae.k,
         "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": sae.d_model})
     if sae.model:  # what sparsify's run config.json says of the model (loaders read only this)
         write_json(out / RUN_CONFIG, {"model": sae.model, "hookpoints": [folder.name]})

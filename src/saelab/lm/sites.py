@@ -30,7 +30,7 @@ HOOKS = (
     "hook_mlp_out",
     "hook_resid_post",
 )
-_SITE_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+SITE_PATTERN = re.compile(r"^blocks\.(\d+)\.(.+)$")  # groups: layer, hook
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,8 @@ def _hooks_of(config: PretrainedConfig, family: Family) -> tuple[str, ...]:
     return HOOKS
 
 
-def _module_of(family: Family, layer: int, hook: str) -> tuple[str, Side]:
+def module_of(family: Family, layer: int, hook: str) -> tuple[str, Side]:
+    """The module (path from the CausalLM) and side whose value is `hook` of block `layer`."""
     block = f"{family.blocks}.{layer}"
     table: dict[str, tuple[str, Side]] = {
         "hook_resid_pre": (block, "in"),
@@ -172,7 +173,7 @@ def list_sites(config: PretrainedConfig) -> list[Site]:
     sites = []
     for layer in range(n_layers(config)):
         for hook in hooks:
-            path, side = _module_of(family, layer, hook)
+            path, side = module_of(family, layer, hook)
             sites.append(Site(f"blocks.{layer}.{hook}", layer, path, side, widths[hook]))
     return sites
 
@@ -183,7 +184,7 @@ def resolve_site(config: PretrainedConfig, name: str) -> Site:
     if name in sites:
         return sites[name]
     close = difflib.get_close_matches(name, list(sites), n=3, cutoff=0.5)
-    match = _SITE_RE.match(name)
+    match = SITE_PATTERN.match(name)
     if not close and match:  # right shape, wrong layer: suggest the same hook at valid layers
         close = [s for s in sites if s.endswith("." + match.group(2))][:3]
     raise SaelabError(

@@ -7,10 +7,9 @@ import html
 from pathlib import Path
 from typing import Any
 
+from saelab.coding import ENCODER_METHODS
 from saelab.io import atomic_write
 from saelab.reports.plots import PLOTS
-
-ENCODERS = ("encoder", "encoder-refit", "encoder-scaled")
 
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
 color:#222}table{border-collapse:collapse;font-size:0.9em}td,th{padding:3px 9px;
@@ -44,8 +43,8 @@ def answer(results: dict[str, Any]) -> list[str]:
                    f"({best[key]:{fmt}}); in order: {listing}.")
     if "gp" in rows:
         gp = rows["gp"]
-        beaten = [c for c in ENCODERS if c in rows and gp["fvu"] < rows[c]["fvu"]]
-        not_beaten = [c for c in ENCODERS if c in rows and c not in beaten]
+        beaten = [c for c in ENCODER_METHODS if c in rows and gp["fvu"] < rows[c]["fvu"]]
+        not_beaten = [c for c in ENCODER_METHODS if c in rows and c not in beaten]
         if beaten:
             gains = ", ".join(f"{c} by {1 - gp['fvu'] / rows[c]['fvu']:.1%}" for c in beaten)
             out.append(f"Gradient pursuit's FVU is lower than {gains}.")

@@ -1,11 +1,10 @@
-"""SAE architectures on one small base class, registered by name."""
+"""SAE architectures on one small base class, registered by name (plug-ins welcome)."""
 
-from saelab.saes import batchtopk, jumprelu, relu, topk  # noqa: F401  (registers them)
-from saelab.saes.base import REGISTRY, SAE, LossOutput, fvu
+from saelab.saes.base import REGISTRY, SAE, LossOutput, architecture, register_architecture
 from saelab.saes.batchtopk import BatchTopKSAE
-from saelab.saes.io import load_sae, save_sae
 from saelab.saes.jumprelu import JumpReluSAE
 from saelab.saes.relu import ReluSAE
 from saelab.saes.topk import TopKSAE
 
-__all__ = ["REGISTRY", "SAE", "BatchTopKSAE", "JumpReluSAE", "LossOutput", "ReluSAE", "TopKSAE", "fvu", "load_sae", "save_sae"]
+__all__ = ["REGISTRY", "SAE", "BatchTopKSAE", "JumpReluSAE", "LossOutput", "ReluSAE",
+           "TopKSAE", "architecture", "register_architecture"]

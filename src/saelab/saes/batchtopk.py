@@ -1,6 +1,7 @@
 """BatchTopK SAE (Bussmann, Leask & Nanda 2024): in training, the k x batch largest
-activations across the whole batch; at inference, one global threshold (an EMA of the
-smallest activation kept in training), which makes it a JumpReLU SAE, as SAELens saves it."""
+activations across the whole batch; at inference, one global threshold, which makes it a
+JumpReLU SAE (as SAELens saves it). The threshold is not learned: it is an exponential
+moving average, over training steps, of the smallest activation each step kept."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saelab.saes.base import SAE, LossOutput, fvu, register
+from saelab.saes.base import SAE, LossOutput, register_architecture
 from saelab.saes.topk import AUXK_WEIGHT, auxk_loss
 
 THRESHOLD_EMA = 0.99
 
 
-@register
+@register_architecture
 class BatchTopKSAE(SAE):
     architecture = "batchtopk"
+    hyperparameter_names = ("k",)
+    saelens_architecture = "jumprelu"  # at inference: one threshold, stored for every latent
 
     def __init__(self, d_model: int, n_latents: int, *, k: int, **kw: Any) -> None:
         super().__init__(d_model, n_latents, **kw)
@@ -26,9 +29,6 @@ class BatchTopKSAE(SAE):
         self.k = k
         self.register_buffer("threshold", torch.zeros((), dtype=self.W_dec.dtype,
                                                       device=self.W_dec.device))
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"k": self.k}
 
     def activation(self, pre_BL: Tensor) -> Tensor:
         return pre_BL * (pre_BL > self.threshold) * (pre_BL > 0)
@@ -39,9 +39,12 @@ class BatchTopKSAE(SAE):
         top, idx = flat.topk(min(self.k * len(pre_BL), flat.numel()), sorted=False)
         return torch.zeros_like(flat).scatter_(0, idx, top).view_as(pre_BL)
 
-    def loss(self, x: Tensor, *, sparsity_coef: float = 0.0, dead_L: Tensor | None = None
+    def firing_threshold(self) -> Tensor:
+        return self.threshold
+
+    def loss(self, x_BD: Tensor, *, sparsity_coef: float = 0.0, dead_L: Tensor | None = None
              ) -> LossOutput:
-        pre_BL = self.pre_acts(x)
+        pre_BL = self.pre_acts(x_BD)
         codes_BL = self.batch_activation(pre_BL)
         if self.training:
             with torch.no_grad():
@@ -52,12 +55,26 @@ class BatchTopKSAE(SAE):
                                                      self.threshold + (1 - THRESHOLD_EMA) * low,
                                                      low))
         x_hat_BD = self.decode(codes_BL)
-        mse = (x - x_hat_BD).pow(2).sum(dim=1).mean()
-        aux = auxk_loss(self, x, x - x_hat_BD, dead_L)
+        mse = (x_BD - x_hat_BD).pow(2).sum(dim=1).mean()
+        aux = auxk_loss(self, x_BD, x_BD - x_hat_BD, dead_L)
         return LossOutput.from_codes(mse + AUXK_WEIGHT * aux, codes_BL, x_hat_BD,
-                                     {"mse": mse, "auxk": aux, "fvu": fvu(x, x_hat_BD)})
+                                     {"mse": mse, "auxk": aux})
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
         super().fold_input_scale(scale)
         self.threshold.div_(scale)
+
+    def export_state(self) -> dict[str, Tensor]:
+        """The threshold once per latent, so that JumpReLU readers (SAELens,
+        dictionary_learning) take the file as it is."""
+        state = super().export_state()
+        state["threshold"] = state["threshold"].expand(self.n_latents).contiguous()
+        return state
+
+    @classmethod
+    def import_state(cls, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        threshold = state.get("threshold")
+        if threshold is not None and threshold.dim() == 1 and len(threshold):
+            state = {**state, "threshold": threshold[0]}  # stored once per latent, all equal
+        return state

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from saelab.saes.base import SAE, LossOutput, fvu, register
+from saelab.saes.base import SAE, LossOutput, register_architecture
 
 BANDWIDTH = 0.1  # epsilon, on inputs normalised to mean squared norm d_model
 
@@ -48,9 +48,12 @@ class _Step(torch.autograd.Function):
         return None, (-(1 / BANDWIDTH) * _rectangle((pre - theta) / BANDWIDTH) * grad).sum(0)
 
 
-@register
+@register_architecture
 class JumpReluSAE(SAE):
     architecture = "jumprelu"
+    default_sparsity_coef = 1.0  # on inputs normalised to mean squared norm d_model
+    needs_data_init = True
+    saelens_architecture = "jumprelu"
 
     def __init__(self, d_model: int, n_latents: int, **kw: Any) -> None:
         super().__init__(d_model, n_latents, **kw)
@@ -60,15 +63,34 @@ class JumpReluSAE(SAE):
     def activation(self, pre_BL: Tensor) -> Tensor:
         return pre_BL * (pre_BL > self.threshold) * (pre_BL > 0)
 
-    def loss(self, x: Tensor, *, sparsity_coef: float, dead_L: Tensor | None = None
+    def firing_threshold(self) -> Tensor:
+        return self.threshold
+
+    def loss(self, x_BD: Tensor, *, sparsity_coef: float, dead_L: Tensor | None = None
              ) -> LossOutput:
-        pre_BL = torch.relu(self.pre_acts(x))
+        pre_BL = torch.relu(self.pre_acts(x_BD))
         codes_BL = _JumpReLU.apply(pre_BL, self.threshold)
         x_hat_BD = self.decode(codes_BL)
-        mse = (x - x_hat_BD).pow(2).sum(dim=1).mean()
+        mse = (x_BD - x_hat_BD).pow(2).sum(dim=1).mean()
         l0 = _Step.apply(pre_BL, self.threshold).sum(dim=1).mean()
         return LossOutput.from_codes(mse + sparsity_coef * l0, codes_BL, x_hat_BD,
-                                     {"mse": mse, "l0": l0, "fvu": fvu(x, x_hat_BD)})
+                                     {"mse": mse, "l0": l0})
+
+    @torch.no_grad()
+    def init_from_data(self, x_BD: Tensor, *, l0: float | None) -> None:
+        """Each threshold where its latent fires on a fraction l0 / n_latents of the sample:
+        the L0 starts near `l0` instead of at n_latents / 2, and the straight-through
+        gradients only have to fine-tune the thresholds."""
+        if l0 is None:
+            return
+        pre_BL = self.pre_acts(x_BD.to(self.W_enc))
+        q = 1 - l0 / self.n_latents
+        self.threshold.copy_(pre_BL.float().quantile(q, dim=0).clamp(min=1e-3))
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        super().after_step()
+        self.threshold.clamp_(min=1e-6)  # H(pre - theta) for theta <= 0 fires on everything
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

@@ -7,21 +7,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saelab.saes.base import SAE, LossOutput, fvu, register
+from saelab.saes.base import SAE, LossOutput, register_architecture
 
 
-@register
+@register_architecture
 class ReluSAE(SAE):
     architecture = "relu"
+    unit_norm_decoder = False  # the L1 term is weighted by the rows' norms instead
+    default_sparsity_coef = 5.0  # on inputs normalised to mean squared norm d_model
+    saelens_architecture = "standard"
 
     def activation(self, pre_BL: Tensor) -> Tensor:
         return torch.relu(pre_BL)
 
-    def loss(self, x: Tensor, *, sparsity_coef: float, dead_L: Tensor | None = None
+    def loss(self, x_BD: Tensor, *, sparsity_coef: float, dead_L: Tensor | None = None
              ) -> LossOutput:
-        codes_BL = self.encode(x)
+        codes_BL = self.encode(x_BD)
         x_hat_BD = self.decode(codes_BL)
-        mse = (x - x_hat_BD).pow(2).sum(dim=1).mean()
+        mse = (x_BD - x_hat_BD).pow(2).sum(dim=1).mean()
         l1 = (codes_BL * self.W_dec.norm(dim=1)).sum(dim=1).mean()
         return LossOutput.from_codes(mse + sparsity_coef * l1, codes_BL, x_hat_BD,
-                                     {"mse": mse, "l1": l1, "fvu": fvu(x, x_hat_BD)})
+                                     {"mse": mse, "l1": l1})

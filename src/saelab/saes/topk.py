@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saelab.saes.base import SAE, LossOutput, fvu, register
+from saelab.saes.base import SAE, LossOutput, register_architecture
 from saelab.saes.sparse_topk import topk_autoencode
 
 AUXK_WEIGHT = 1 / 32
@@ -31,9 +31,11 @@ def auxk_loss(sae: SAE, x_BD: Tensor, residual_BD: Tensor, dead_L: Tensor | None
     return (residual_BD.detach() - e_hat_BD).pow(2).sum(dim=1).mean()
 
 
-@register
+@register_architecture
 class TopKSAE(SAE):
     architecture = "topk"
+    hyperparameter_names = ("k",)
+    saelens_architecture = "topk"
 
     def __init__(self, d_model: int, n_latents: int, *, k: int, **kw: Any) -> None:
         super().__init__(d_model, n_latents, **kw)
@@ -41,25 +43,21 @@ class TopKSAE(SAE):
             raise ValueError(f"k must be in 1..n_latents-1, got k={k}, n_latents={n_latents}")
         self.k = k
 
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"k": self.k}
-
     def activation(self, pre_BL: Tensor) -> Tensor:
         top_BK, idx_BK = pre_BL.topk(self.k, dim=-1, sorted=False)
         return torch.zeros_like(pre_BL).scatter_(-1, idx_BK, torch.relu(top_BK))
 
-    def loss(self, x: Tensor, *, sparsity_coef: float = 0.0, dead_L: Tensor | None = None
+    def loss(self, x_BD: Tensor, *, sparsity_coef: float = 0.0, dead_L: Tensor | None = None
              ) -> LossOutput:
         """Sparse throughout (see `sparse_topk`): no dense [batch, n_latents] codes."""
-        dec_BD, acts_BK, idx_BK = topk_autoencode(x, self.b_dec, self.W_enc, self.b_enc,
+        dec_BD, acts_BK, idx_BK = topk_autoencode(x_BD, self.b_dec, self.W_enc, self.b_enc,
                                                   self.W_dec, self.k,
                                                   subtract_b_dec=self.apply_b_dec_to_input)
         x_hat_BD = dec_BD + self.b_dec
-        mse = (x - x_hat_BD).pow(2).sum(dim=1).mean()
-        aux = auxk_loss(self, x, x - x_hat_BD, dead_L)
+        mse = (x_BD - x_hat_BD).pow(2).sum(dim=1).mean()
+        aux = auxk_loss(self, x_BD, x_BD - x_hat_BD, dead_L)
         active_BK = acts_BK > 0
-        fired_L = torch.zeros(self.n_latents, dtype=torch.bool, device=x.device)
+        fired_L = torch.zeros(self.n_latents, dtype=torch.bool, device=x_BD.device)
         fired_L[idx_BK[active_BK]] = True
         return LossOutput(mse + AUXK_WEIGHT * aux, x_hat_BD, fired_L,
-                          active_BK.sum(dim=1).float().mean(),
-                          {"mse": mse, "auxk": aux, "fvu": fvu(x, x_hat_BD)})
+                          active_BK.sum(dim=1).float().mean(), {"mse": mse, "auxk": aux})

@@ -71,19 +71,13 @@ def support_scores(true: SparseCode, found: SparseCode, n_features: int,
     `latent_feature` [n_latents] maps latents to features (-1: none), as
     `direction_recovery` gives it; without it, latent i is feature i (the true dictionary).
     """
-    true_BF = _mark(true.indices.cpu(), true.values.cpu() != 0, n_features)
+    true_BF = SparseCode(true.indices.cpu(), true.values.cpu()).support(n_features)
     slot_feature_BK = found.indices.cpu() if latent_feature is None \
         else latent_feature[found.indices.cpu()]
     active_BK = found.values.cpu() != 0
     matched_BK = active_BK & (slot_feature_BK >= 0)
     hit_BK = matched_BK & true_BF.gather(1, slot_feature_BK.clamp(min=0))
-    found_BF = _mark(slot_feature_BK.clamp(min=0), hit_BK, n_features)
+    found_BF = SparseCode(slot_feature_BK.clamp(min=0), hit_BK.float()).support(n_features)
     n_true, n_active = int(true_BF.sum()), int(active_BK.sum())
     return SupportScores(precision=int(hit_BK.sum()) / max(n_active, 1),
                          recall=int(found_BF.sum()) / max(n_true, 1))
-
-
-def _mark(index_BK: Tensor, on_BK: Tensor, n: int) -> Tensor:
-    """[B, n] bool: True where some slot with `on` points (slots may repeat an index)."""
-    out_Bn = torch.zeros(len(index_BK), n, dtype=torch.uint8)
-    return out_Bn.scatter_reduce_(1, index_BK, on_BK.to(torch.uint8), reduce="amax").bool()

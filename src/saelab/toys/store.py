@@ -24,16 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from tqdm.auto import tqdm
 
-import saelab
 from saelab.activations.store import MANIFEST, resolve_store_dir
 from saelab.activations.writer import finalise, shard_done, write_shard
 from saelab.coding import SparseCode
-from saelab.config import to_json
 from saelab.errors import SaelabError
-from saelab.io import atomic_write, read_json
+from saelab.io import SAELAB_VERSION, atomic_write, read_json, read_safetensors, to_json
 from saelab.toys.synthetic import (
     SyntheticSpec,
     feature_directions,
@@ -69,7 +67,13 @@ class SyntheticTruth:
                               expected="a store written by `saelab synth`",
                               found=f"activations of {manifest.get('model')}",
                               fix="generate one with `saelab synth --out DIR`")
-        t = load_file(str(folder / TRUTH))
+        t = read_safetensors(folder / TRUTH)
+        absent = [key for key in ("directions", "probability", "parent") if key not in t]
+        if absent:
+            raise SaelabError(f"{folder / TRUTH} lacks tensors of the truth",
+                              expected="directions, probability, parent",
+                              found=", ".join(sorted(t)) or "no tensors",
+                              fix="generate the store again with `saelab synth`")
         return SyntheticTruth(t["directions"], t["probability"], t["parent"], folder,
                               manifest["shards"])
 
@@ -123,6 +127,6 @@ def _header(spec: SyntheticSpec, dtype: str) -> dict[str, Any]:
         .hexdigest(),
         "site": SITE, "d_model": spec.d_model, "dtype": dtype, "model_dtype": "float32",
         "context_size": 1, "exclude_bos": False, "bos_token_id": None,
-        "corpus": SITE, "text_column": None, "saelab_version": saelab.__version__,
+        "corpus": SITE, "text_column": None, "saelab_version": SAELAB_VERSION,
         "synthetic": described,
     }

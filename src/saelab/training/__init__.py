@@ -1,6 +1,7 @@
 """Training SAEs on an activation store or a tensor, in one process or many (torchrun)."""
 
 from saelab.training.config import TrainConfig
-from saelab.training.trainer import train
+from saelab.training.data import TrainingData
+from saelab.training.trainer import Trainer, train
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "Trainer", "TrainingData", "train"]

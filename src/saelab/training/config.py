@@ -1,22 +1,26 @@
-"""`TrainConfig`: every training setting, the same fields as `saelab train`'s flags."""
+"""`TrainConfig`: every training setting, the same fields as `saelab train`'s flags.
+
+What an architecture needs (a k, a default sparsity coefficient) comes from its class in the
+registry (`saelab.saes.architecture`), so a user's registered architecture trains with the
+same config.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
 
 from saelab.errors import SaelabError
-
-Architecture = Literal["relu", "topk", "batchtopk", "jumprelu"]
-# Sparsity coefficients that give a usable L0 on inputs normalised to mean squared norm d_model.
-DEFAULT_SPARSITY = {"relu": 5.0, "jumprelu": 1.0, "topk": 0.0, "batchtopk": 0.0}
+from saelab.saes import SAE, architecture
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    architecture: Architecture = "topk"
-    """SAE architecture: relu (L1), topk, batchtopk, jumprelu."""
+    architecture: str = "topk"
+    """SAE architecture: relu (L1), topk, batchtopk, jumprelu, or one registered with
+    saelab.register_architecture."""
     n_latents: int = 4096
     """Dictionary size."""
     k: int | None = 32
@@ -33,7 +37,8 @@ class TrainConfig:
     lr_decay_fraction: float = 0.2
     """Final fraction of training over which the learning rate decays linearly to 0."""
     sparsity_coef: float | None = None
-    """L1 (relu) or L0 (jumprelu) coefficient, on normalised inputs; default per architecture."""
+    """L1 (relu) or L0 (jumprelu) coefficient, on normalised inputs; default: the
+    architecture's own (relu 5.0, jumprelu 1.0)."""
     sparsity_warmup_steps: int = 500
     """Steps over which the sparsity coefficient ramps up from 0 (relu, jumprelu)."""
     dead_tokens: int = 1_000_000
@@ -52,8 +57,16 @@ class TrainConfig:
     """Device to train on: cpu, cuda, ... (under torchrun, cuda:LOCAL_RANK)."""
 
     def __post_init__(self) -> None:
-        sparse_k = self.architecture in ("topk", "batchtopk")
-        if sparse_k and (self.k is None or not 0 < self.k < self.n_latents):
+        cls = self.sae_class()
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = [name for name in cls.hyperparameter_names if name not in fields]
+        if unknown:
+            raise SaelabError(f"architecture {self.architecture} takes settings TrainConfig "
+                              "does not have", expected="hyperparameter_names among "
+                              "TrainConfig's fields", found=", ".join(unknown),
+                              fix="rename them to TrainConfig fields (k, ...)")
+        if "k" in cls.hyperparameter_names and (self.k is None or
+                                                not 0 < self.k < self.n_latents):
             raise SaelabError(f"{self.architecture} needs 0 < k < n_latents",
                               expected=f"k in 1..{self.n_latents - 1}",
                               found=f"k={self.k}, n_latents={self.n_latents}",
@@ -73,4 +86,8 @@ class TrainConfig:
 
     def sparsity(self) -> float:
         return (self.sparsity_coef if self.sparsity_coef is not None
-                else DEFAULT_SPARSITY[self.architecture])
+                else self.sae_class().default_sparsity_coef)
+
+    def sae_class(self) -> type[SAE]:
+        """The registered class of `architecture` (an error naming the registered ones)."""
+        return architecture(self.architecture)

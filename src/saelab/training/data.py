@@ -1,11 +1,5 @@
-"""Training data: an activation store or a tensor, read in a fixed order any process count
-shares.
-
-The order is a property of (seed, epoch), not of the number of processes: a global batch is
-a list of row indices, and rank r of w reads rows [r*B/w, (r+1)*B/w) of it. So a run under
-torchrun sees exactly the rows a single process sees, and a resumed run can skip to any step
-without reading the rows it skips.
-"""
+"""Training data: an activation store or a tensor, read in saelab's one order
+(`activations.order`: fixed by seed and epoch, shared by any number of processes)."""
 
 from __future__ import annotations
 
@@ -15,10 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saelab.activations import ActivationStore
+from saelab.activations import ActivationStore, batch_indices
 from saelab.errors import SaelabError
-
-_BLOCK = 1024  # rows kept contiguous when shuffling a store (sequential reads)
 
 
 class TrainingData:
@@ -51,18 +43,10 @@ class TrainingData:
         """Scale that makes the mean squared norm d_model (folded into the SAE at save)."""
         return (self.d_model / self.mean_squared_norm) ** 0.5
 
-    def global_batches(self, batch_size: int, seed: int, epoch: int) -> Iterator[np.ndarray]:
-        """Row indices of each full batch of one epoch: blocks of rows in a seeded order,
-        rows shuffled within each run of batches."""
-        rng = np.random.default_rng([seed, epoch])
-        n_blocks = -(-self.n // _BLOCK)
-        index = (rng.permutation(n_blocks)[:, None] * _BLOCK + np.arange(_BLOCK)).ravel()
-        index = index[index < self.n]
-        window = max(batch_size, 64 * _BLOCK)  # shuffle rows inside windows of this many
-        for start in range(0, len(index), window):
-            rng.shuffle(index[start:start + window])
-        for b in range(len(index) // batch_size):
-            yield index[b * batch_size:(b + 1) * batch_size]
+    def global_batches(self, batch_size: int, seed: int, epoch: int, start: int = 0
+                       ) -> Iterator[np.ndarray]:
+        """Row indices of each full batch of one epoch, from batch `start` on."""
+        return batch_indices(self.n, batch_size, seed=seed, epoch=epoch, start=start)
 
     def rows(self, index: np.ndarray) -> Tensor:
         if isinstance(self.source, ActivationStore):

@@ -1,170 +1,39 @@
-"""`saelab compare` and `saelab evaluate`: coders on one SAE's dictionary, on the same tokens.
-
-Windows come from a corpus (skipping the first --skip-tokens, so that a demo evaluates on
-text its SAE was not trained on); the first --fit-tokens of them are held out to fit the
-encoder-scaled coder and to measure the encoder's L0, which the pursuits are matched to.
-The run folder gets config.json, results.json, the plots and report.html.
-"""
+"""`saelab compare` and `saelab evaluate`: coders on one SAE's dictionary, on the same tokens
+(`saelab.evals.comparison` does the work)."""
 
 from __future__ import annotations
 
-import itertools
-import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from saelab.coding import Coder, fit_scale
-from saelab.coding.api import PURSUITS, Method
-from saelab.config import to_json
-from saelab.corpus import BUILTIN_CORPUS, iter_documents, token_windows
-from saelab.errors import SaelabError
-from saelab.evals.sweep import CoderSpec, plan, run_sweep
-from saelab.formats import load_sae
-from saelab.io import read_json, write_json
-from saelab.lm import EMBEDDED_MODEL, LanguageModel, load_model
-from saelab.reports import write_plots, write_report
-from saelab.saes import SAE
-
-log = logging.getLogger(__name__)
-RESULTS = "results.json"
+from saelab.config import Verb
+from saelab.evals import CompareConfig, EvaluateConfig, compare
+from saelab.reports import answer
 
 
-@dataclass(frozen=True, kw_only=True)
-class EvalOptions:
-    sae: str
-    """SAE to evaluate: a folder in any supported layout, or a hub spec (`saelab info` shows it)."""
+@dataclass(frozen=True)
+class Compared:
+    results: dict[str, Any]
     out: Path
-    """Run folder: config.json, results.json, plots (PNG and SVG) and report.html."""
-    model: str = EMBEDDED_MODEL
-    """Model the SAE reads: gemma-3-270m, a .gguf file, a local Hugging Face folder or a hub id."""
-    site: str | None = None
-    """Site to code and splice (default: the SAE's own, from its config)."""
-    corpus: str = BUILTIN_CORPUS
-    """Text: python-docs (built-in), a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][@SPLIT]."""
-    text_column: str = "text"
-    """Column holding the text, for .jsonl, .parquet and Hugging Face datasets."""
-    tokens: int = 8192
-    """Tokens to code and score (BOS positions excluded)."""
-    context_size: int = 128
-    """Tokens per window, BOS included."""
-    skip_tokens: int = 0
-    """Corpus tokens to skip first (e.g. those the SAE was trained on)."""
-    fit_tokens: int = 4096
-    """Held-out tokens before the evaluated ones: the encoder-scaled fit and the encoder's L0."""
-    batch_tokens: int = 1024
-    """Tokens per forward pass (the clean log-probs of a batch are kept for the KL)."""
-    nonnegative: bool = False
-    """Keep latent activations >= 0 in the pursuits and the refit (as the encoder's are)."""
-    device: str = "cpu"
-    """Device for the model, the SAE and the coders (cpu, cuda, cuda:1, ...)."""
-    seed: int = 0
-    """Seed for anything random (the coders themselves are deterministic)."""
+    seconds: float
 
 
-@dataclass(frozen=True, kw_only=True)
-class CompareConfig(EvalOptions):
-    coders: tuple[Method, ...] = ("encoder", "encoder-refit", "encoder-scaled", "mp", "gp",
-                                  "omp")
-    """Coders to compare."""
-    k: tuple[int, ...] = (8, 16, 32, 64)
-    """L0s to sweep the pursuits over; each pursuit also runs at the encoder's own L0."""
+def run_compare(cfg: CompareConfig | EvaluateConfig) -> Compared:
+    start = time.perf_counter()
+    return Compared(compare(cfg), cfg.out, time.perf_counter() - start)
 
 
-@dataclass(frozen=True, kw_only=True)
-class EvaluateConfig(EvalOptions):
-    coder: Method = "encoder"
-    """Coder: the SAE's encoder, its support refitted, its code rescaled, or matching /
-    gradient / orthogonal matching pursuit."""
-    k: int | None = None
-    """Latents per token for mp, gp and omp (default: the encoder's L0, rounded)."""
+def compare_summary(result: Compared) -> list[str]:
+    lines = [f"{'coder':<20} {'L0':>7} {'FVU':>8} {'delta loss':>11} {'recovered':>10}"]
+    lines += [f"{r['label']:<20} {r['l0']:>7.2f} {r['fvu']:>8.4f} {r['delta_loss']:>11.4f} "
+              f"{r['loss_recovered']:>10.3f}" for r in result.results["rows"]]
+    return [*lines, *answer(result.results),
+            f"done in {result.seconds:.0f} s; report: {result.out / 'report.html'}"]
 
 
-def run_compare(cfg: CompareConfig | EvaluateConfig) -> dict[str, Any]:
-    """Run the comparison (or one evaluation), write everything, return the results.
-    A folder holding a finished run of the same config is read back, not recomputed."""
-    config = {"verb": type(cfg).__name__, **to_json(cfg)}
-    if (cfg.out / RESULTS).is_file() and (cfg.out / "config.json").is_file() \
-            and read_json(cfg.out / "config.json") == config:
-        log.info("%s holds this comparison already; reading it back", cfg.out)
-        return read_json(cfg.out / RESULTS)
-    torch.manual_seed(cfg.seed)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / RESULTS).unlink(missing_ok=True)  # results.json only ever beside its config
-    write_json(cfg.out / "config.json", config)
-    sae = load_sae(cfg.sae, device=cfg.device)
-    lm = load_model(cfg.model, device=cfg.device)
-    site = _site(cfg, sae, lm)
-    fit_windows, windows = _windows(cfg, lm)
-    held_out = _activations(lm, site, fit_windows)
-    encoder_l0 = float(Coder(sae, "encoder")(held_out).l0().double().mean())
-    matched_k = max(1, round(encoder_l0))
-    needs_scale = "encoder-scaled" in _coders(cfg)
-    scale = fit_scale(sae, held_out) if needs_scale else None
-    if scale is not None:
-        scale.save(cfg.out / "scale.safetensors")
-    if isinstance(cfg, CompareConfig):
-        specs = plan(cfg.coders, cfg.k, matched_k)
-    else:  # one coder: a pursuit at --k (default: matched to the encoder)
-        k = (cfg.k or matched_k) if cfg.coder in PURSUITS else None
-        specs, matched_k = [CoderSpec(cfg.coder, k)], k or matched_k
-    results = run_sweep(lm, sae, site, windows, specs, matched_k=matched_k, scale=scale,
-                        nonnegative=cfg.nonnegative, batch_tokens=cfg.batch_tokens)
-    results = {"model": cfg.model, "site": site, "sae": cfg.sae, "n_latents": sae.n_latents,
-               "d_model": sae.d_model, "architecture": sae.architecture,
-               "encoder_l0": encoder_l0, "context_size": cfg.context_size,
-               "tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
-               "nonnegative": cfg.nonnegative, **results}
-    write_json(cfg.out / RESULTS, results)
-    write_plots(results, cfg.out)
-    write_report(results, cfg.out)
-    return results
-
-
-def _coders(cfg: CompareConfig | EvaluateConfig) -> tuple[str, ...]:
-    return cfg.coders if isinstance(cfg, CompareConfig) else (cfg.coder,)
-
-
-def _site(cfg: EvalOptions, sae: SAE, lm: LanguageModel) -> str:
-    site = cfg.site or sae.site
-    if site is None:
-        raise SaelabError("the SAE does not say which site it reads", expected="--site",
-                          found="no site in the SAE's config",
-                          fix="pass --site, e.g. --site blocks.6.hook_resid_post")
-    width = lm.site(site).width
-    if width != sae.d_model:
-        raise SaelabError(f"the SAE does not fit {site} of {cfg.model}",
-                          expected=f"site width {sae.d_model} (the SAE's d_model)",
-                          found=f"width {width}", fix="pick the site the SAE was trained on")
-    return site
-
-
-def _windows(cfg: EvalOptions, lm: LanguageModel) -> tuple[np.ndarray, np.ndarray]:
-    """(held-out windows, evaluated windows) after skipping --skip-tokens."""
-    per_window = cfg.context_size - 1
-    n_skip, n_fit = -(-cfg.skip_tokens // per_window), -(-cfg.fit_tokens // per_window)
-    n_eval = -(-cfg.tokens // per_window)
-    docs = iter_documents(cfg.corpus, text_column=cfg.text_column)
-    stream = token_windows(docs, lm.tokenizer, cfg.context_size, lm.bos_token_id)
-    windows = list(itertools.islice(stream, n_skip, n_skip + n_fit + n_eval))
-    if len(windows) < n_fit + 1:
-        raise SaelabError(f"corpus {cfg.corpus} is too short for this evaluation",
-                          expected=f"{n_skip + n_fit + 1} windows of {cfg.context_size} tokens",
-                          found=f"{n_skip + len(windows)}",
-                          fix="lower --skip-tokens, --fit-tokens or --tokens")
-    if len(windows) < n_fit + n_eval:
-        log.warning("corpus %s holds only %d windows after skipping; evaluating %d tokens",
-                    cfg.corpus, n_skip + len(windows), (len(windows) - n_fit) * per_window)
-    stacked = np.stack(windows)
-    return stacked[:n_fit], stacked[n_fit:]
-
-
-def _activations(lm: LanguageModel, site: str, windows: np.ndarray) -> torch.Tensor:
-    """The site's activations at non-BOS positions [rows, d], float32."""
-    parts = [lm.read(torch.from_numpy(windows[i:i + 8]), [site])[site][:, 1:]
-             for i in range(0, len(windows), 8)]
-    return torch.cat(parts).reshape(-1, parts[0].shape[-1]).float()
-
+COMPARE = Verb(CompareConfig, run_compare, compare_summary, "Every coder at every L0 on the "
+               "same tokens: results.json, Pareto plots and a self-contained report.html.")
+EVALUATE = Verb(EvaluateConfig, run_compare, compare_summary, "Score one coder on an SAE: FVU, "
+                "L0, delta LM loss with reconstructions spliced in, dead and dense latents.")

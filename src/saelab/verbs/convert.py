@@ -3,16 +3,14 @@ then load the result back and check it computes what the source does."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from saelab.formats import load_sae, locate, write_sae
-from saelab.formats.load import WritableFormat
-from saelab.saes.base import SAE
+from saelab.config import Verb
+from saelab.formats import WritableFormat, load_sae, locate, write_sae
+from saelab.saes import SAE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,15 +26,15 @@ class ConvertConfig:
     """Folder to write into (sparsify: OUT/HOOKPOINT, as its runs are laid out)."""
 
 
-def run_convert(cfg: ConvertConfig) -> None:
+def run_convert(cfg: ConvertConfig) -> list[str]:
     found = locate(cfg.src)
     sae = load_sae(found.folder, input_scale=found.input_scale)
     folder = write_sae(sae, cfg.out, cfg.to)
     diff = max_difference(sae, load_sae(folder))
-    sys.stdout.write(f"{found.format} {sae.architecture} SAE ({sae.n_latents} latents, "
-                     f"site {sae.site}) -> {cfg.to} at {folder}\n"
-                     f"reloaded: codes and reconstructions within {diff:.1e} of the source's "
-                     "on 256 test inputs\n")
+    return [f"{found.format} {sae.architecture} SAE ({sae.n_latents} latents, site "
+            f"{sae.site}) -> {cfg.to} at {folder}",
+            f"reloaded: codes and reconstructions within {diff:.1e} of the source's on 256 "
+            "test inputs"]
 
 
 @torch.no_grad()
@@ -45,11 +43,15 @@ def max_difference(a: SAE, b: SAE, n: int = 256, seed: int = 0) -> float:
     decoder (a few latents per row, sized to clear any threshold) so latents fire."""
     g = torch.Generator().manual_seed(seed)
     idx_NK = torch.randint(0, a.n_latents, (n, 8), generator=g)
-    threshold: Tensor = getattr(a, "threshold", torch.zeros(()))
-    size = 1.0 + 2 * float(threshold.detach().abs().max()) if threshold.numel() else 1.0
+    threshold = a.firing_threshold()
+    size = 1.0 + 2 * float(threshold.detach().abs().max()) if threshold is not None else 1.0
     values_NK = size * (1 + torch.rand(n, 8, generator=g))
     x_ND = torch.einsum("nk,nkd->nd", values_NK, a.W_dec.detach().cpu()[idx_NK])
     x_ND = (x_ND + a.b_dec.detach().cpu()).to(a.W_dec)
     codes_a, codes_b = a.encode(x_ND), b.encode(x_ND.to(b.W_dec))
     return max(float((codes_a - codes_b.to(codes_a)).abs().max()),
                float((a.decode(codes_a) - b.decode(codes_b).to(codes_a)).abs().max()))
+
+
+VERB = Verb(ConvertConfig, run_convert, lambda lines: lines, "Rewrite an SAE in another "
+            "library's layout (saelens, sparsify, dictionary_learning) and check the result.")

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import torch
-from torch import Tensor
-from tqdm.auto import tqdm
 
 from saelab.activations import ActivationStore
-from saelab.coding import Coder, LatentScale, SparseCode, fit_scale
+from saelab.coding import Coder, LatentScale, Method, SparseCode, fit_scale
+from saelab.config import Verb
 from saelab.errors import SaelabError
+from saelab.evals import ReconstructionMetrics, check_sae_fits_store, coded_batches
 from saelab.formats import load_sae
 from saelab.saes import SAE
 
@@ -31,7 +30,7 @@ class DecomposeConfig:
     """Activation store from `saelab cache` (OUT or OUT/SITE)."""
     out: Path
     """File for the codes (safetensors: indices and values, [tokens, k])."""
-    method: Literal["encoder", "encoder-refit", "encoder-scaled", "mp", "gp", "omp"] = "gp"
+    method: Method = "gp"
     """Coder: the SAE's encoder, its support refitted, its code rescaled, or matching /
     gradient / orthogonal matching pursuit."""
     k: int | None = None
@@ -54,80 +53,61 @@ class DecomposeConfig:
     bf16_screen: bool = True
     """mp/gp/omp: find each step's latent through a bfloat16 product checked in float32 (the
     same selection, faster); --no-bf16-screen computes every correlation in float32."""
+    allow_mismatch: bool = False
+    """Code the store even if the SAE was trained at another site or on another model."""
 
 
-def run_decompose(cfg: DecomposeConfig) -> dict[str, float]:
+def run_decompose(cfg: DecomposeConfig) -> dict[str, Any]:
     """Code the store; write the codes; return FVU, mean L0, tokens and tokens/s."""
     store = ActivationStore(cfg.activations)
     # the store's norm scale serves SAEs trained on normalised inputs that lack their factor
-    sae = load_sae(cfg.sae, device=cfg.device,
-                   input_scale=store.normalisation["norm_scale"])
-    _check_pair(sae, store, cfg)
+    sae = load_sae(cfg.sae, device=cfg.device, input_scale=store.normalisation["norm_scale"])
+    check_sae_fits_store(sae, store, allow_mismatch=cfg.allow_mismatch)
     n = min(cfg.tokens or len(store), len(store))
-    scale = _scale(cfg, sae, store) if cfg.method == "encoder-scaled" else None
-    if cfg.method == "encoder-scaled" and cfg.scale is None:
-        n = min(n, len(store) - cfg.fit_tokens)
+    scale = None
+    if cfg.method == "encoder-scaled":
+        scale = _scale(cfg, sae, store)
+        if cfg.scale is None:
+            n = min(n, len(store) - cfg.fit_tokens)
     coder = Coder(sae, cfg.method, k=cfg.k, tol=cfg.tol, nonnegative=cfg.nonnegative,
                   scale=scale, bf16_screen=cfg.bf16_screen)
-    sq_err = total = sq_norm = 0.0
-    sum_x = torch.zeros(store.d_model, dtype=torch.float64)
-    codes: list[SparseCode] = []
+    metrics, codes = ReconstructionMetrics(), []
     W_dec, b_dec = sae.W_dec.detach(), sae.b_dec.detach()
     start = time.perf_counter()
-    for x, code in coded_batches(store, coder, n, cfg.batch_size, cfg.device, cfg.method):
-        err = x - code.decode(W_dec, b_dec)
-        sq_err += float((err.double() ** 2).sum())
-        sq_norm += float((x.double() ** 2).sum())
-        sum_x += x.double().sum(dim=0).cpu()
+    for x_BD, code in coded_batches(store, coder, n, cfg.batch_size, cfg.device, cfg.method):
+        metrics.update(x_BD, code.decode(W_dec, b_dec), code)
         codes.append(SparseCode(code.indices.cpu(), code.values.cpu()))
     seconds = time.perf_counter() - start
-    total = sq_norm - float(sum_x @ sum_x) / max(n, 1)  # sum ||x - mean||^2
     result = SparseCode.cat(codes)
-    summary = {"tokens": n, "fvu": sq_err / total, "l0": float(result.l0().double().mean()),
-               "tokens_per_s": n / seconds}
+    summary = {"method": cfg.method, "tokens": n, "fvu": metrics.fvu,
+               "l0": float(result.l0().double().mean()), "tokens_per_s": n / seconds,
+               "out": str(cfg.out)}
     result.save(cfg.out, metadata={"method": cfg.method, "sae": str(cfg.sae),
                                    "activations": str(store.path), "k": str(cfg.k),
-                                   **{key: repr(v) for key, v in summary.items()}})
+                                   **{key: repr(summary[key]) for key in
+                                      ("tokens", "fvu", "l0", "tokens_per_s")}})
     return summary
 
 
-def coded_batches(store: ActivationStore, coder: Coder, n: int, batch_size: int, device: str,
-                  desc: str) -> Iterator[tuple[Tensor, SparseCode]]:
-    """(rows, their code) for the store's first n rows, batch by batch, with a progress bar."""
-    with tqdm(total=n, unit="tok", desc=desc, disable=None) as bar:
-        for i in range(0, n, batch_size):
-            x = store[i:min(i + batch_size, n)].to(device, torch.float32)
-            yield x, coder(x)
-            bar.update(len(x))
-
-
-def _check_pair(sae: SAE, store: ActivationStore, cfg: DecomposeConfig) -> None:
-    check_sae_matches_store(sae, store)
-    if cfg.method == "encoder-scaled" and cfg.scale is None and len(store) <= cfg.fit_tokens:
-        raise SaelabError("too few rows to hold some out for the scale fit",
-                          expected=f"more than --fit-tokens={cfg.fit_tokens} rows",
-                          found=f"{len(store)} rows", fix="lower --fit-tokens or pass --scale")
-
-
-def check_sae_matches_store(sae: SAE, store: ActivationStore) -> None:
-    """The SAE reads the store's width (an error otherwise); a warning if it was trained at
-    another site."""
-    if sae.d_model != store.d_model:
-        raise SaelabError("the SAE and the activations differ in width",
-                          expected=f"activations of width {sae.d_model} (the SAE's d_model)",
-                          found=f"{store.d_model} at {store.site} in {store.path}",
-                          fix="use the store of the site the SAE was trained on")
-    if sae.site and sae.site != store.site:
-        log.warning("the SAE was trained at %s but the activations are from %s", sae.site,
-                    store.site)
+def decompose_summary(s: dict[str, Any]) -> list[str]:
+    return [f"{s['method']}: {s['tokens']} tokens, FVU {s['fvu']:.4f}, L0 {s['l0']:.2f}, "
+            f"{s['tokens_per_s']:.0f} tokens/s -> {s['out']}"]
 
 
 def _scale(cfg: DecomposeConfig, sae: SAE, store: ActivationStore) -> LatentScale:
     if cfg.scale is not None:
         return LatentScale.load(cfg.scale)
+    if len(store) <= cfg.fit_tokens:
+        raise SaelabError("too few rows to hold some out for the scale fit",
+                          expected=f"more than --fit-tokens={cfg.fit_tokens} rows",
+                          found=f"{len(store)} rows", fix="lower --fit-tokens or pass --scale")
     held_out = store[len(store) - cfg.fit_tokens:].to(cfg.device, torch.float32)
     scale = fit_scale(sae, held_out)
     path = cfg.out.with_name(cfg.out.stem + ".scale.safetensors")
     scale.save(path)
     log.info("fitted a per-latent scale on %d held-out rows; saved to %s", len(held_out), path)
     return scale
+
+
+VERB = Verb(DecomposeConfig, run_decompose, decompose_summary, "Code stored activations with "
+            "an SAE's dictionary (encoder or inference-time optimisation); print FVU and L0.")

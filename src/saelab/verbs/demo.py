@@ -1,16 +1,16 @@
-"""`saelab demo`: the embedded default end to end: cache activations of Gemma 3 270M on the
-built-in corpus, train a TopK SAE on them, compare the encoder with inference-time
-optimisation on held-out text, draw dashboards of a sample of latents under the encoder and
-under gradient pursuit, and say where the report is.
+"""`saelab demo`: the embedded default end to end, in four stages: cache activations of
+Gemma 3 270M on the built-in corpus, train a TopK SAE on them, compare the encoder with
+inference-time optimisation on held-out text, and draw dashboards of a sample of latents
+under the encoder and under gradient pursuit; then say where the report is.
 
-Every stage keeps its output in the demo folder. The first three are reused when the demo
-runs again with the same settings (the cache and the SAE resume; a finished comparison is
-read back); the dashboards, which take seconds, are drawn again.
+Every stage keeps its output in the demo folder and is a library call (the same the verbs
+make). The first three are reused when the demo runs again with the same settings (the cache
+and the SAE resume; a finished comparison is read back); the dashboards, which take seconds,
+are drawn again.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from saelab.activations import CacheConfig, cache_activations
+from saelab.activations import cache_activations
+from saelab.config import Verb, say
+from saelab.evals import CompareConfig, DashboardConfig, compare, latent_dashboard
 from saelab.io import write_json
 from saelab.lm import EMBEDDED_MODEL
 from saelab.reports import answer
-from saelab.verbs.compare import CompareConfig, run_compare
-from saelab.verbs.dashboard import DashboardConfig, run_dashboard
-from saelab.verbs.train import TrainCommand, run_train
+from saelab.training import TrainConfig, train
 
 SITE = "blocks.6.hook_resid_post"
 
@@ -67,34 +67,32 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the four stages; return the comparison's results."""
     s = QUICK if cfg.quick else FULL
     seconds: dict[str, float] = {}
-    _say(f"saelab demo{' --quick' if cfg.quick else ''}: {EMBEDDED_MODEL}, built-in corpus, "
+    say(f"saelab demo{' --quick' if cfg.quick else ''}: {EMBEDDED_MODEL}, built-in corpus, "
          f"{SITE} -> {cfg.out}")
     with _stage(seconds, "cache", f"1/4 cache {s.cache_tokens} tokens of activations"):
-        store = cache_activations(CacheConfig(out=cfg.out / "activations", site=(SITE,),
-                                              tokens=s.cache_tokens,
-                                              context_size=s.context_size))[SITE]
+        store = cache_activations(cfg.out / "activations", sites=(SITE,),
+                                  tokens=s.cache_tokens, context_size=s.context_size)[SITE]
     with _stage(seconds, "train", f"2/4 train a TopK SAE: {s.n_latents} latents, k={s.k}, "
                 f"{s.train_tokens} tokens"):
-        run_train(TrainCommand(activations=store.path, out=cfg.out / "sae",
-                               architecture="topk", n_latents=s.n_latents, k=s.k,
-                               tokens=s.train_tokens, batch_size=s.batch_size,
-                               lr_warmup_steps=s.lr_warmup_steps))
+        train(TrainConfig(architecture="topk", n_latents=s.n_latents, k=s.k,
+                          tokens=s.train_tokens, batch_size=s.batch_size,
+                          lr_warmup_steps=s.lr_warmup_steps), store, cfg.out / "sae")
     with _stage(seconds, "compare", f"3/4 compare coders on {s.eval_tokens} held-out tokens "
                 f"at k={list(s.ks)}"):
-        results = run_compare(CompareConfig(
+        results = compare(CompareConfig(
             sae=str(cfg.out / "sae"), out=cfg.out / "compare", model=EMBEDDED_MODEL,
             site=SITE, tokens=s.eval_tokens, fit_tokens=s.fit_tokens,
             context_size=s.context_size, k=s.ks,
             skip_tokens=store.manifest["n_windows"] * (s.context_size - 1)))
     for sentence in answer(results):
-        _say("  " + sentence)
+        say("  " + sentence)
     with _stage(seconds, "inspect", f"4/4 dashboards of {s.dashboard_latents} latents under the "
                 f"encoder and under gp (k={s.k}), on {s.dashboard_tokens} tokens"):
         dashboards = _dashboards(cfg.out, store.path, s)
     write_json(cfg.out / "timings.json", seconds)
-    _say("stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) +
+    say("stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) +
          f"; total {sum(seconds.values()):.0f} s")
-    _say(f"report: {cfg.out / 'compare' / 'report.html'}; dashboards: "
+    say(f"report: {cfg.out / 'compare' / 'report.html'}; dashboards: "
          + ", ".join(str(path) for path in dashboards))
     return results
 
@@ -104,22 +102,22 @@ def _dashboards(out: Path, activations: Path, s: _Settings) -> list[Path]:
     gradient pursuit at the SAE's k, so the two pages can be read side by side."""
     common = {"sae": str(out / "sae"), "activations": activations,
               "tokens": s.dashboard_tokens}
-    encoder = run_dashboard(DashboardConfig(out=out / "dashboard-encoder",
-                                            sample=s.dashboard_latents, **common))
+    encoder = latent_dashboard(DashboardConfig(out=out / "dashboard-encoder",
+                                               sample=s.dashboard_latents, **common))
     latents = tuple(entry["latent"] for entry in encoder["latents"])
-    run_dashboard(DashboardConfig(out=out / "dashboard-gp", method="gp", k=s.k,
-                                  latents=latents, **common))
+    latent_dashboard(DashboardConfig(out=out / "dashboard-gp", method="gp", k=s.k,
+                                     latents=latents, **common))
     return [out / f"dashboard-{name}" / "dashboard.html" for name in ("encoder", "gp")]
 
 
 @contextmanager
 def _stage(seconds: dict[str, float], name: str, message: str) -> Iterator[None]:
-    _say(message)
+    say(message)
     began = time.perf_counter()
     yield
     seconds[name] = time.perf_counter() - began
 
 
-def _say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+VERB = Verb(DemoConfig, run_demo, lambda _: [], "The embedded default end to end: cache Gemma 3 "
+            "270M activations, train a TopK SAE, compare the encoder with ITO, draw dashboards; "
+            "print where the report is.")

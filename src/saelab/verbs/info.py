@@ -3,13 +3,13 @@ sparsity setting (k or thresholds) and file sizes."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
 
+from saelab.config import Verb
 from saelab.formats import load_sae, locate
-from saelab.saes.base import SAE
+from saelab.saes import SAE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,28 +20,27 @@ class InfoConfig:
     RELEASE:SAE_ID (a SAELens release)."""
 
 
-def run_info(cfg: InfoConfig) -> None:
+def run_info(cfg: InfoConfig) -> list[tuple[str, str]]:
+    """(what, description) rows: layout, architecture, width, site, encoder, files."""
     found = locate(cfg.spec)
     sae = load_sae(found.folder, input_scale=found.input_scale)
     files = sorted(p for p in found.folder.iterdir() if p.is_file())
-    rows = [("layout", f"{found.format} in {found.folder}"),
+    return [("layout", f"{found.format} in {found.folder}"),
             ("architecture", f"{sae.architecture}; {sparsity(sae)}"),
             ("width", f"{sae.n_latents} latents x d_model {sae.d_model}"),
             ("site", f"{sae.site or 'unknown'} of {sae.model or 'an unnamed model'}"),
             ("encoder", "subtracts b_dec first" if sae.apply_b_dec_to_input
              else "encodes raw activations (no b_dec subtraction)"),
             ("files", ", ".join(f"{p.name} ({_size(p.stat().st_size)})" for p in files))]
-    sys.stdout.write("".join(f"{key:<14}{value}\n" for key, value in rows))
 
 
 def sparsity(sae: SAE) -> str:
     """How the SAE decides which latents fire: k, or its threshold(s)."""
-    k = sae.hyperparameters().get("k")
-    threshold = getattr(sae, "threshold", None)
-    parts = [f"k {k}"] if k is not None else []
-    if isinstance(threshold, torch.Tensor) and threshold.numel() == 1:
+    parts = [f"{name} {value}" for name, value in sae.hyperparameters().items()]
+    threshold = sae.firing_threshold()
+    if threshold is not None and threshold.numel() == 1:
         parts.append(f"threshold {float(threshold):.4g}")
-    elif isinstance(threshold, torch.Tensor):
+    elif threshold is not None:
         q = torch.quantile(threshold.detach().float().cpu(), torch.tensor([0.0, 0.5, 1.0]))
         parts.append("thresholds min {:.4g}, median {:.4g}, max {:.4g}".format(*q.tolist()))
     return ", ".join(parts) or "ReLU (sparse through its L1 training)"
@@ -53,3 +52,8 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+VERB = Verb(InfoConfig, run_info, lambda rows: [f"{key:<14}{value}" for key, value in rows],
+            "Show what an SAE is (any layout, local or on the hub): architecture, width, site, "
+            "k or thresholds, file sizes.")

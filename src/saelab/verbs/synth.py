@@ -9,12 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import saelab
 from saelab.activations import ActivationStore
 from saelab.activations.store import MANIFEST
-from saelab.config import to_json
-from saelab.errors import SaelabError
-from saelab.io import read_json, write_json
+from saelab.config import Verb
+from saelab.io import record_run, to_json
 from saelab.toys.store import SITE, TRUTH, SyntheticTruth, write_store
 from saelab.toys.synthetic import SyntheticSpec
 
@@ -40,7 +38,8 @@ class SynthConfig(SyntheticSpec):
 def run_synth(cfg: SynthConfig) -> ActivationStore:
     """Generate (or finish generating) the store and its truth; return the store."""
     out = Path(cfg.out).expanduser()
-    _check_run(out, cfg)
+    record_run(out / RUN_FILE, {k: v for k, v in to_json(cfg).items() if k != "out"},
+               what="synthetic data")
     if not (out / SITE / MANIFEST).is_file():
         write_store(cfg.spec(), out / SITE, cfg.tokens, dtype=cfg.dtype,
                     shard_tokens=cfg.shard_tokens)
@@ -55,17 +54,5 @@ def synth_summary(store: ActivationStore) -> list[str]:
             f"  truth: {truth.folder / TRUTH} (directions), codes_*.safetensors (true codes)"]
 
 
-def _check_run(out: Path, cfg: SynthConfig) -> None:
-    """Record the config in OUT/synth.json, or refuse to mix two configs in one folder."""
-    asked = {k: v for k, v in to_json(cfg).items() if k != "out"}
-    run_file = out / RUN_FILE
-    if not run_file.is_file():
-        write_json(run_file, {"config": asked, "saelab_version": saelab.__version__})
-        return
-    recorded = read_json(run_file)["config"]
-    diff = {k: (recorded.get(k), v) for k, v in asked.items() if recorded.get(k) != v}
-    if diff:
-        raise SaelabError(f"{out} holds synthetic data made with another config",
-                          expected="; ".join(f"{k}={new}" for k, (_, new) in diff.items()),
-                          found="; ".join(f"{k}={old}" for k, (old, _) in diff.items()),
-                          fix="use another --out, or delete the folder to start over")
+VERB = Verb(SynthConfig, run_synth, synth_summary, "Write an activation store of synthetic "
+            "activations built from known feature directions, with the truth.")

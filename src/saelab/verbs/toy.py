@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from saelab.config import to_json
+from saelab.config import Verb
 from saelab.errors import SaelabError
-from saelab.io import atomic_write, write_json
+from saelab.io import atomic_write, to_json, write_json
 from saelab.toys.measures import (
     PHASES,
     ToyMeasures,
@@ -277,3 +277,11 @@ def phase_summary(results: dict[str, Any]) -> list[str]:
     lines += [f"{d:<8.3g} " + " ".join(letters[p] for p in row)
               for d, row in zip(results["density"], results["phase"])]
     return lines
+
+
+TMS = Verb(TmsConfig, run_tms, tms_summary, "Train ReLU output toy models over sparsity (and "
+           "dropout); measure and plot the features they represent.")
+DROPOUT = Verb(DropoutConfig, run_dropout, dropout_summary, "Sweep hidden dropout and "
+               "sparsity; plot and fit features represented per hidden dimension.")
+PHASE_DIAGRAM = Verb(PhaseDiagramConfig, run_phase_diagram, phase_summary, "The n=2, m=1 phase "
+                     "diagram over feature density and importance.")

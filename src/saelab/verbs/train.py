@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from saelab.activations import ActivationStore
+from saelab.config import Verb
 from saelab.saes import SAE
 from saelab.training import TrainConfig, train
 
@@ -20,9 +25,36 @@ class TrainCommand(TrainConfig):
     sae_weights.safetensors (SAELens layout). Re-running the same command resumes."""
 
     def train_config(self) -> TrainConfig:
-        fields = TrainConfig.__dataclass_fields__
-        return TrainConfig(**{name: getattr(self, name) for name in fields})
+        return TrainConfig(**{f.name: getattr(self, f.name)
+                              for f in dataclasses.fields(TrainConfig)})
 
 
-def run_train(cmd: TrainCommand) -> SAE:
-    return train(cmd.train_config(), ActivationStore(cmd.activations), cmd.out)
+@dataclass(frozen=True)
+class Trained:
+    sae: SAE
+    command: TrainCommand
+    last: dict[str, Any]
+    """The last line of metrics.jsonl."""
+    seconds: float
+
+
+def run_train(cmd: TrainCommand) -> Trained:
+    start = time.perf_counter()
+    sae = train(cmd.train_config(), ActivationStore(cmd.activations), cmd.out)
+    metrics = cmd.out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    return Trained(sae, cmd, json.loads(lines[-1]) if lines else {},
+                   time.perf_counter() - start)
+
+
+def train_summary(result: Trained) -> list[str]:
+    cmd, last, nan = result.command, result.last, float("nan")
+    return [f"{cmd.architecture} SAE, {result.sae.n_latents} latents on {result.sae.site}: FVU "
+            f"{last.get('fvu', nan):.4f}, L0 {last.get('l0', nan):.1f}, dead "
+            f"{last.get('dead_fraction', nan):.1%} after {cmd.steps} steps "
+            f"({result.seconds:.0f} s) -> {cmd.out}"]
+
+
+VERB = Verb(TrainCommand, run_train, train_summary, "Train an SAE (relu, topk, batchtopk, "
+            "jumprelu, or a registered one) on an activation store; resumable; data-parallel "
+            "under torchrun.")

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from saelab.activations import ActivationStore
 from saelab.coding import Coder
-from saelab.config import to_json
+from saelab.config import Verb
 from saelab.errors import SaelabError
-from saelab.io import write_json
+from saelab.io import to_json, write_json
+from saelab.saes import architecture
 from saelab.toys.plots import plot_width_sweep
 from saelab.toys.recovery import RECOVERED_COSINE, direction_recovery, support_scores
 from saelab.toys.store import SyntheticTruth
@@ -32,8 +33,9 @@ class WidthSweepConfig:
     """Run folder: one SAE per width in latents_W/, results.json, recovery.png/.svg."""
     widths: tuple[int, ...] | None = None
     """SAE widths (latents); default: the true feature count times 1/8, 1/4, ..., 4."""
-    architecture: Literal["topk", "batchtopk", "relu", "jumprelu"] = "topk"
-    """SAE architecture."""
+    architecture: str = "topk"
+    """SAE architecture: relu, topk, batchtopk, jumprelu, or one registered with
+    saelab.register_architecture."""
     k: int | None = None
     """Active latents per token for the SAE and for gradient pursuit (default: the data's
     mean number of active features, rounded)."""
@@ -57,7 +59,8 @@ def run_width_sweep(cfg: WidthSweepConfig) -> dict[str, Any]:
     n = truth.n_features
     widths = cfg.widths or tuple(max(n * f // 8, 1) for f in (1, 2, 4, 8, 16, 32))
     k = cfg.k or max(round(float(truth.probability.sum())), 1)
-    if any(w <= k for w in widths) and cfg.architecture in ("topk", "batchtopk"):
+    takes_k = "k" in architecture(cfg.architecture).hyperparameter_names
+    if takes_k and any(w <= k for w in widths):
         raise SaelabError("every width must exceed k", expected=f"widths > k={k}",
                           found=", ".join(map(str, widths)), fix="drop the small widths")
     write_json(cfg.out / "config.json", to_json(cfg))
@@ -99,3 +102,7 @@ def width_sweep_summary(results: dict[str, Any]) -> list[str]:
               f"{r['encoder_recall']:<5.2f} {r['gp_precision']:>5.2f}/{r['gp_recall']:<5.2f}"
               for r in results["widths"]]
     return lines
+
+
+VERB = Verb(WidthSweepConfig, run_width_sweep, width_sweep_summary, "Train SAEs of growing width "
+            "on a `saelab synth` store; plot how many true features they recover.")

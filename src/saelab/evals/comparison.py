@@ -1,0 +1,175 @@
+"""Coders on one SAE's dictionary, on the same tokens (`saelab compare` and `evaluate`).
+
+Windows come from a corpus (skipping the first `skip_tokens`, so that a demo evaluates on
+text its SAE was not trained on); the first `fit_tokens` of them (rounded up to whole
+windows) are held out to fit the encoder-scaled coder and to measure the encoder's L0, which
+the pursuits are matched to. The run folder gets config.json (the run file: a folder holds
+one comparison, and a finished one is read back), results.json, the plots and report.html.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saelab.coding import PURSUIT_METHODS, Coder, Method, fit_scale
+from saelab.corpus import BUILTIN_CORPUS, iter_documents, token_windows
+from saelab.errors import SaelabError
+from saelab.evals.sweep import CoderSpec, plan, run_sweep
+from saelab.formats import load_sae
+from saelab.io import read_json, record_run, to_json, write_json
+from saelab.lm import EMBEDDED_MODEL, LanguageModel, load_model
+from saelab.reports import write_plots, write_report
+from saelab.saes import SAE
+
+log = logging.getLogger(__name__)
+RESULTS = "results.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalOptions:
+    sae: str
+    """SAE to evaluate: a folder in any supported layout, or a hub spec (`saelab info` shows it)."""
+    out: Path
+    """Run folder: config.json, results.json, plots (PNG and SVG) and report.html."""
+    model: str = EMBEDDED_MODEL
+    """Model the SAE reads: gemma-3-270m, a .gguf file, a local Hugging Face folder or a hub id."""
+    site: str | None = None
+    """Site to code and splice (default: the SAE's own, from its config)."""
+    corpus: str = BUILTIN_CORPUS
+    """Text: python-docs (built-in), a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][@SPLIT]."""
+    text_column: str = "text"
+    """Column holding the text, for .jsonl, .parquet and Hugging Face datasets."""
+    tokens: int = 8192
+    """Tokens to code and score (BOS positions excluded)."""
+    context_size: int = 128
+    """Tokens per window, BOS included."""
+    skip_tokens: int = 0
+    """Corpus tokens to skip first (e.g. those the SAE was trained on)."""
+    fit_tokens: int = 4096
+    """Held-out tokens before the evaluated ones: the encoder-scaled fit and the encoder's L0."""
+    batch_tokens: int = 1024
+    """Tokens per forward pass (the clean log-probs of a batch are kept for the KL)."""
+    nonnegative: bool = False
+    """Keep latent activations >= 0 in the pursuits and the refit (as the encoder's are)."""
+    device: str = "cpu"
+    """Device for the model, the SAE and the coders (cpu, cuda, cuda:1, ...)."""
+    seed: int = 0
+    """Seed for anything random (the coders themselves are deterministic)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompareConfig(EvalOptions):
+    coders: tuple[Method, ...] = ("encoder", "encoder-refit", "encoder-scaled", "mp", "gp",
+                                  "omp")
+    """Coders to compare."""
+    k: tuple[int, ...] = (8, 16, 32, 64)
+    """L0s to sweep the pursuits over; each pursuit also runs at the encoder's own L0."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(EvalOptions):
+    coder: Method = "encoder"
+    """Coder: the SAE's encoder, its support refitted, its code rescaled, or matching /
+    gradient / orthogonal matching pursuit."""
+    k: int | None = None
+    """Latents per token for mp, gp and omp (default: the encoder's L0, rounded)."""
+
+
+def compare(cfg: CompareConfig | EvaluateConfig) -> dict[str, Any]:
+    """Run the comparison (or one evaluation), write everything, return the results.
+    A folder holding a finished run of the same config is read back, not recomputed; a
+    folder holding another is refused."""
+    config = {"verb": type(cfg).__name__, **{k: v for k, v in to_json(cfg).items()
+                                             if k != "out"}}
+    if record_run(cfg.out / "config.json", config, what="a comparison") \
+            and (cfg.out / RESULTS).is_file():
+        log.info("%s holds this comparison already; reading it back", cfg.out)
+        return read_json(cfg.out / RESULTS)
+    torch.manual_seed(cfg.seed)
+    sae = load_sae(cfg.sae, device=cfg.device)
+    lm = load_model(cfg.model, device=cfg.device)
+    site = _site(cfg, sae, lm)
+    fit_windows, windows = corpus_windows(lm, cfg.corpus, text_column=cfg.text_column,
+                                          context_size=cfg.context_size,
+                                          skip_tokens=cfg.skip_tokens,
+                                          fit_tokens=cfg.fit_tokens, tokens=cfg.tokens)
+    held_out = site_activations(lm, site, fit_windows)
+    encoder_l0 = float(Coder(sae, "encoder")(held_out).l0().double().mean())
+    matched_k = max(1, round(encoder_l0))
+    needs_scale = "encoder-scaled" in _coders(cfg)
+    scale = fit_scale(sae, held_out) if needs_scale else None
+    if scale is not None:
+        scale.save(cfg.out / "scale.safetensors")
+    if isinstance(cfg, CompareConfig):
+        specs = plan(cfg.coders, cfg.k, matched_k)
+    else:  # one coder: a pursuit at --k (default: matched to the encoder)
+        k = (cfg.k or matched_k) if cfg.coder in PURSUIT_METHODS else None
+        specs, matched_k = [CoderSpec(cfg.coder, k)], k or matched_k
+    results = run_sweep(lm, sae, site, windows, specs, matched_k=matched_k, scale=scale,
+                        nonnegative=cfg.nonnegative, batch_tokens=cfg.batch_tokens)
+    results = {"model": cfg.model, "site": site, "sae": cfg.sae, "n_latents": sae.n_latents,
+               "d_model": sae.d_model, "architecture": sae.architecture,
+               "encoder_l0": encoder_l0, "context_size": cfg.context_size,
+               "tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
+               "fit_tokens": int(fit_windows.shape[0] * (fit_windows.shape[1] - 1)),
+               "nonnegative": cfg.nonnegative, **results}
+    write_json(cfg.out / RESULTS, results)
+    write_plots(results, cfg.out)
+    write_report(results, cfg.out)
+    return results
+
+
+def _coders(cfg: CompareConfig | EvaluateConfig) -> tuple[str, ...]:
+    return cfg.coders if isinstance(cfg, CompareConfig) else (cfg.coder,)
+
+
+def _site(cfg: EvalOptions, sae: SAE, lm: LanguageModel) -> str:
+    site = cfg.site or sae.site
+    if site is None:
+        raise SaelabError("the SAE does not say which site it reads", expected="--site",
+                          found="no site in the SAE's config",
+                          fix="pass --site, e.g. --site blocks.6.hook_resid_post")
+    width = lm.site(site).width
+    if width != sae.d_model:
+        raise SaelabError(f"the SAE does not fit {site} of {cfg.model}",
+                          expected=f"site width {sae.d_model} (the SAE's d_model)",
+                          found=f"width {width}", fix="pick the site the SAE was trained on")
+    return site
+
+
+def corpus_windows(lm: LanguageModel, corpus: str, *, text_column: str = "text",
+                   context_size: int = 128, skip_tokens: int = 0, fit_tokens: int = 0,
+                   tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out windows, evaluated windows) [n, context_size] of `corpus` after skipping
+    `skip_tokens`; each count is rounded up to whole windows of context_size - 1 tokens."""
+    per_window = context_size - 1
+    n_skip, n_fit = -(-skip_tokens // per_window), -(-fit_tokens // per_window)
+    n_eval = -(-tokens // per_window)
+    docs = iter_documents(corpus, text_column=text_column)
+    stream = token_windows(docs, lm.tokenizer, context_size, lm.bos_token_id)
+    windows = list(itertools.islice(stream, n_skip, n_skip + n_fit + n_eval))
+    if len(windows) < n_fit + 1:
+        raise SaelabError(f"corpus {corpus} is too short for this evaluation",
+                          expected=f"{n_skip + n_fit + 1} windows of {context_size} tokens",
+                          found=f"{n_skip + len(windows)}",
+                          fix="lower --skip-tokens, --fit-tokens or --tokens")
+    if len(windows) < n_fit + n_eval:
+        log.warning("corpus %s holds only %d windows after skipping; evaluating %d tokens",
+                    corpus, n_skip + len(windows), (len(windows) - n_fit) * per_window)
+    stacked = np.stack(windows)
+    return stacked[:n_fit], stacked[n_fit:]
+
+
+def site_activations(lm: LanguageModel, site: str, windows: np.ndarray) -> torch.Tensor:
+    """The site's activations at non-BOS positions [rows, d], float32."""
+    parts = [lm.read(torch.from_numpy(windows[i:i + 8]), [site])[site][:, 1:]
+             for i in range(0, len(windows), 8)]
+    return torch.cat(parts).reshape(-1, parts[0].shape[-1]).float()
+
