@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml Makefile tests/peers.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[embedded,test]"
+	$(BIN)/python -m pip install --quiet -e ".[embedded,test,lint]"
 	$(BIN)/python -m pip install --quiet --no-deps -r tests/peers.txt
 	touch $@
 
@@ -30,8 +30,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# ruff; the import layers of pyproject.toml; private names and the package root (what ruff
+# cannot see); pyright in basic mode, clean on src/.
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/lint-imports
+	$(BIN)/python tools/check_names.py src tests benchmarks
+	$(BIN)/pyright
 
 bench: $(STAMP)
 	$(if $(wildcard .venv-bench/bin/python),.venv-bench/bin/python,$(BIN)/python) benchmarks/extract.py

@@ -89,11 +89,11 @@ def store_with_sae(model_dir: Path, out: Path, *, tokens: int, n_latents: int, s
     to explain."""
     import saelab as sl
 
-    sl.cache_activations(sl.CacheConfig(out=out / "acts", model=str(model_dir),
-                                        site=("blocks.1.hook_resid_post",), tokens=tokens,
-                                        context_size=32))
+    sl.cache_activations(out / "acts", model=str(model_dir), sites=("blocks.1.hook_resid_post",),
+                         tokens=tokens, context_size=32)
     store = sl.ActivationStore(out / "acts")
-    sae = sl.saes.TopKSAE(store.d_model, n_latents, k=8, site=store.site).init_random(seed=seed)
+    sae = sl.saes.TopKSAE(store.d_model, n_latents, k=8, site=store.site,
+                          model=store.model).init_random(seed=seed)
     with torch.no_grad():
         sae.b_dec.copy_(store[:].mean(dim=0))
     return store, sae

@@ -29,7 +29,7 @@ def test_help_lists_every_verb():
 
 @pytest.mark.parametrize("verb", list(VERBS))
 def test_every_option_of_every_verb_is_explained(verb):
-    cls = VERBS[verb][0]
+    cls = VERBS[verb].config
     docs = field_docs(cls)
     text = saelab(verb, "--help").stdout
     for name in cls.__dataclass_fields__:
@@ -81,7 +81,7 @@ def test_cache_cli_writes_a_store_and_a_summary(tiny_model_dir, tmp_path):
     (["cache", "--site", "blocks.1.hook_resid_pots"], "did you mean blocks.1.hook_resid_post"),
     (["cache", "--corpus", "no/such/file.txt", "--site", "blocks.1.hook_resid_post"],
      "unknown corpus"),
-    (["cache", "--tokens", "0"], "--tokens must be positive"),
+    (["cache", "--tokens", "0"], "tokens must be positive"),
 ])
 def test_user_errors_are_one_message_and_exit_2(tiny_model_dir, tmp_path, args, message):
     out = saelab(*args, "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"))
@@ -107,7 +107,7 @@ def test_sites_lists_widths(tiny_model_dir):
 
 def test_parser_builds_for_every_verb():
     parser = build_parser()
-    for verb, (cls, _, _) in VERBS.items():
+    for verb, cls in ((name, v.config) for name, v in VERBS.items()):
         required = [f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         positional = getattr(cls, "POSITIONAL", ())

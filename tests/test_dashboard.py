@@ -12,7 +12,8 @@ import torch
 
 import saelab as sl
 from conftest import store_with_sae
-from saelab.verbs.dashboard import DashboardConfig, activations_of, run_dashboard
+from saelab.evals import DashboardConfig, latent_dashboard
+from saelab.evals.latents import activations_of
 
 N_LATENTS = 128
 
@@ -21,7 +22,7 @@ N_LATENTS = 128
 def store_and_sae(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("dashboard")
     store, sae = store_with_sae(tiny_model_dir, root, tokens=900, n_latents=N_LATENTS, seed=4)
-    sl.save_sae(sae, root / "sae")
+    sl.write_sae(sae, root / "sae")
     return root, store, sae
 
 
@@ -37,7 +38,7 @@ def test_dashboard_matches_brute_force(store_and_sae, method):
     root, store, sae = store_and_sae
     k = 8 if method == "gp" else None
     out = root / f"dash-{method}"
-    result = run_dashboard(DashboardConfig(sae=str(root / "sae"), activations=root / "acts",
+    result = latent_dashboard(DashboardConfig(sae=str(root / "sae"), activations=root / "acts",
                                            out=out, method=method, k=k, tokens=700,
                                            sample=5, contexts=4, batch_size=256))
     dense = sl.decompose(store[:700], sae, method, k=k).to_dense(N_LATENTS)
@@ -71,7 +72,7 @@ def test_dashboard_matches_brute_force(store_and_sae, method):
 
 def test_context_tokens_carry_their_own_rows_activations(store_and_sae):
     root, store, sae = store_and_sae
-    result = run_dashboard(DashboardConfig(sae=str(root / "sae"), activations=root / "acts",
+    result = latent_dashboard(DashboardConfig(sae=str(root / "sae"), activations=root / "acts",
                                            out=root / "dash-ctx", latents=(7,), tokens=900,
                                            contexts=3, window=40))
     acts = sl.decompose(store[:900], sae, "encoder").to_dense(N_LATENTS)[:, 7]

@@ -18,7 +18,7 @@ from saelab.coding import LatentScale
 def store_and_sae(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("decompose")
     store, sae = store_with_sae(tiny_model_dir, root, tokens=1200, n_latents=256, seed=1)
-    sl.save_sae(sae, root / "sae")
+    sl.write_sae(sae, root / "sae")
     return root, store, sae
 
 
@@ -58,7 +58,7 @@ def test_encoder_scaled_fits_on_held_out_rows_and_saves_the_scale(store_and_sae)
 
 def test_width_mismatch_is_one_clear_error(store_and_sae):
     root, _, _ = store_and_sae
-    sl.save_sae(sl.saes.TopKSAE(32, 64, k=4), root / "narrow")
+    sl.write_sae(sl.saes.TopKSAE(32, 64, k=4), root / "narrow")
     proc = run("--sae", str(root / "narrow"), "--activations", str(root / "acts"), "--k", "4",
                "--out", str(root / "x.safetensors"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -20,12 +20,12 @@ from saelab.evals import (
     jaccard,
     order_cosines,
     spliced_loss,
-    support,
     top_kept,
 )
 from saelab.evals.sweep import CoderSpec, run_sweep
+from saelab.formats import write_sae
 from saelab.reports import PLOTS
-from saelab.saes import TopKSAE, save_sae
+from saelab.saes import TopKSAE
 
 LAST = "blocks.2.hook_resid_post"  # tiny llama's last residual: the head reads it directly
 
@@ -125,15 +125,28 @@ def test_usage_counts_each_latent_once_per_token():
     assert usage.result()["dead"] == int((expected == 0).sum())
 
 
-def test_overlap_against_python_sets():
+def test_supports_and_overlap_against_python_sets():
     a, b, n = random_code(1), random_code(2), 30
-    sa, sb = support(a, n), support(b, n)
-    sets = [lambda c, r=r: {int(i) for i, v in zip(c.indices[r], c.values[r], strict=True)
-                            if v != 0} for r in range(len(a))]
-    expected = [len(f(a) & f(b)) / len(f(a) | f(b)) if f(a) | f(b) else 1.0 for f in sets]
+    sa, sb = a.support(n), b.support(n)
+
+    def latents(c: SparseCode, r: int) -> set[int]:
+        return {int(i) for i, v in zip(c.indices[r], c.values[r], strict=True) if v != 0}
+
+    for r in range(len(a)):
+        assert set(sa[r].nonzero().squeeze(1).tolist()) == latents(a, r)
+    counts = [sum(j in latents(a, r) for r in range(len(a))) for j in range(n)]
+    assert a.firing_counts(n, chunk=7).tolist() == counts  # chunks of rows: same sums
+    expected = [len(latents(a, r) & latents(b, r)) / len(latents(a, r) | latents(b, r))
+                if latents(a, r) | latents(b, r) else 1.0 for r in range(len(a))]
     np.testing.assert_allclose(jaccard(sa, sb).numpy(), expected)
-    assert torch.equal(jaccard(sa, sa), torch.ones(len(a)))
-    assert torch.equal(top_kept(a, sa, 3), torch.ones(len(a)))
+    for m in (1, 3):  # the m largest |values| of a, and how many of them b's support holds
+        kept = []
+        for r in range(len(a)):
+            live = [(abs(float(v)), int(i)) for i, v in zip(a.indices[r], a.values[r],
+                                                            strict=True) if v != 0]
+            top = [i for _, i in sorted(live, reverse=True)[:m]]
+            kept.append(sum(i in latents(b, r) for i in top) / max(len(top), 1))
+        np.testing.assert_allclose(top_kept(a, sb, m).numpy(), kept)
 
 
 def test_order_cosines_equal_least_squares_projections():
@@ -178,7 +191,7 @@ def test_sweep_zero_ablation_and_self_overlap(lm64):
 def tiny_sae_dir(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("tiny-sae")
     sae = TopKSAE(64, 128, k=4, site="blocks.1.hook_resid_post").init_random(seed=0)
-    save_sae(sae, folder)
+    write_sae(sae, folder)
     return folder
 
 
@@ -224,7 +237,7 @@ def test_evaluate_scores_one_coder(tmp_path, tiny_model_dir, tiny_sae_dir):
 
 def test_compare_refuses_an_sae_of_another_width(tmp_path, tiny_model_dir, capsys):
     folder = tmp_path / "wide"
-    save_sae(TopKSAE(32, 64, k=4, site="blocks.1.hook_resid_post").init_random(), folder)
+    write_sae(TopKSAE(32, 64, k=4, site="blocks.1.hook_resid_post").init_random(), folder)
     code = main(["compare", "--sae", str(folder), "--model", str(tiny_model_dir),
                  "--out", str(tmp_path / "x")])
     assert code == 2

@@ -83,7 +83,7 @@ def dense(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 def test_saelens_loads_saelab_saes_with_equal_outputs(arch, tmp_path):
     sae_lens = peer("sae_lens")
     ours = random_sae(arch, subtract_b_dec=arch != "jumprelu")
-    sl.save_sae(ours, tmp_path)
+    sl.write_sae(ours, tmp_path)
     theirs = sae_lens.SAE.load_from_disk(tmp_path)
     x = inputs()
     exact(theirs.encode(x), ours.encode(x))
@@ -174,7 +174,7 @@ def test_pre_6_saelens_field_names_load_as_saelens_reads_them(tmp_path):
 def test_jumprelu_log_threshold_loads_as_saelens_reads_it(tmp_path):
     sae_lens = peer("sae_lens")
     saelens_sae("jumprelu").save_model(tmp_path)
-    tensors = sl.saes.io.read_safetensors(tmp_path / "sae_weights.safetensors")
+    tensors = sl.io.read_safetensors(tmp_path / "sae_weights.safetensors")
     tensors["log_threshold"] = tensors.pop("threshold").log()
     save_file(tensors, tmp_path / "sae_weights.safetensors")
     # SAELens converts log_threshold only in its training classes
@@ -416,7 +416,7 @@ def truncate(path: Path) -> None:
 
 
 def saelens_folder(path: Path) -> Path:
-    sl.save_sae(random_sae("topk"), path)
+    sl.write_sae(random_sae("topk"), path)
     return path
 
 
@@ -619,7 +619,7 @@ def test_decompose_runs_with_saes_of_other_layouts(tiny_model_dir, tmp_path):
     expected = sl.decompose(store[:], sae, "encoder")
     assert_close(sl.SparseCode.load(out).to_dense(128), expected.to_dense(128))
     # an SAELens SAE trained on normalised inputs, factor not recorded: the store's is used
-    sl.save_sae(sae, tmp_path / "normalised")
+    sl.write_sae(sae, tmp_path / "normalised")
     cfg = json.loads((tmp_path / "normalised" / "cfg.json").read_text())
     cfg["normalize_activations"] = "expected_average_only_in"
     (tmp_path / "normalised" / "cfg.json").write_text(json.dumps(cfg))

@@ -238,7 +238,7 @@ def test_gguf_cache_folder(tiny_gguf):
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
     meta = json.loads((folder / "saelab.json").read_text())
-    assert meta["format"] == loading._CACHE_FORMAT and meta["sha256"] == tiny_gguf.sha
+    assert meta["format"] == loading.CONVERTED_FORMAT and meta["sha256"] == tiny_gguf.sha
     saved = load_file(folder / "model.safetensors")
     original = tiny_gguf.model.state_dict()
     assert set(saved) == set(original)
@@ -364,7 +364,7 @@ def test_gemma_cache_folder(gemma):
     assert "quantization_config" not in config
     assert config["model_type"] == "gemma3_text"
     meta = json.loads((folder / "saelab.json").read_text())
-    assert meta["format"] == loading._CACHE_FORMAT and meta["sha256"] == package.EXPECTED_SHA256
+    assert meta["format"] == loading.CONVERTED_FORMAT and meta["sha256"] == package.EXPECTED_SHA256
 
 
 @pytest.mark.gguf

@@ -14,10 +14,14 @@ import pytest
 import torch
 
 from conftest import tiny_lm
-from saelab import ActivationStore, CacheConfig, SaelabError, cache_activations
-from saelab.activations.store import shard_name
+from saelab import ActivationStore, SaelabError, cache_activations
+from saelab.activations import batch_indices
+from saelab.activations.store import VERIFIED, shard_name
+from saelab.training import TrainingData
 
 SITES = ("blocks.1.hook_resid_post", "blocks.0.mlp.hook_post")
+SETTINGS = dict(model="tiny", sites=SITES, tokens=1000, context_size=32, batch_size=4,
+                shard_tokens=300)
 
 
 @pytest.fixture(scope="module")
@@ -27,22 +31,21 @@ def lm(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def stores(lm, tmp_path_factory):
-    cfg = CacheConfig(out=tmp_path_factory.mktemp("cache"), model="tiny", site=SITES,
-                      tokens=1000, context_size=32, batch_size=4, shard_tokens=300)
-    return cfg, cache_activations(cfg, lm=lm)
+    out = tmp_path_factory.mktemp("cache")
+    return out, cache_activations(out, lm=lm, **SETTINGS)
 
 
 def test_rows_equal_the_model_read_at_their_window_and_position(lm, stores):
-    cfg, by_site = stores
+    _, by_site = stores
     for site in SITES:
         store = by_site[site]
-        assert len(store) == cfg.tokens and store.site == site
+        assert len(store) == SETTINGS["tokens"] and store.site == site
         # 300 rows per shard round down to 2 batches of 4 windows of 31 rows: 248
         assert [s["rows"] for s in store.manifest["shards"]] == [248, 248, 248, 248, 8]
         tokens = store.token_ids()
         assert (tokens[:, 0] == lm.bos_token_id).all()
         expected = lm.read(torch.from_numpy(tokens.astype(np.int64)), [site])[site]
-        expected = expected[:, 1:].reshape(-1, store.d_model)[: cfg.tokens]  # BOS excluded
+        expected = expected[:, 1:].reshape(-1, store.d_model)[: SETTINGS["tokens"]]  # no BOS
         torch.testing.assert_close(store[:], expected, atol=1e-5, rtol=0)
         for row in (0, 30, 31, 999):
             ctx = store.context(row)
@@ -61,10 +64,8 @@ def test_manifest_statistics_match_a_float64_reference(stores):
     assert norm["mean_centered_squared_norm"] == pytest.approx(
         ((x - x.mean(0)) ** 2).sum(1).mean().item(), rel=1e-6)
     assert norm["norm_scale"] == pytest.approx((store.d_model / sq) ** 0.5, rel=1e-9)
-    for key in ("model", "site", "d_model", "dtype", "n_tokens", "context_size",
-                "model_fingerprint", "exclude_bos"):
-        assert key in store.manifest
-    store.verify()  # checksums as written
+    assert store.manifest["model_fingerprint"] == store.manifest["model_fingerprint"].lower()
+    store.verify(force=True)  # every shard hashed again: checksums as written
 
 
 def test_shuffled_batches_are_a_seeded_partition(stores):
@@ -75,80 +76,51 @@ def test_shuffled_batches_are_a_seeded_partition(stores):
         return sorted(r.numpy().tobytes() for r in rows)
 
     def run(**kw) -> torch.Tensor:
-        return torch.cat(list(store.batches(64, block_rows=16, buffer_rows=128, **kw)))
+        return torch.cat(list(store.batches(64, **kw)))
 
     once, again, other = run(seed=3), run(seed=3), run(seed=4)
     assert torch.equal(once, again) and not torch.equal(once, other)
+    assert not torch.equal(run(seed=3, epoch=1), once)  # each epoch its own order
     assert not torch.equal(once, everything)  # really shuffled
     assert multiset(once) == multiset(everything)  # every row exactly once
-    ranks = [run(seed=3, rank=r, world_size=2) for r in range(2)]
-    assert abs(len(ranks[0]) - len(ranks[1])) <= 2 * 16  # whole blocks, one of them short
-    assert multiset(torch.cat(ranks)) == multiset(everything)
     sizes = [len(b) for b in store.batches(64, seed=0, drop_last=True)]
     assert set(sizes) == {64} and len(sizes) == len(store) // 64
     assert torch.equal(torch.cat(list(store.batches(100, shuffle=False))), everything)
 
 
-def reference_batches(store: ActivationStore, batch_size: int, *, shuffle: bool, seed: int,
-                      rank: int, world_size: int, block_rows: int, buffer_rows: int
-                      ) -> list[torch.Tensor]:
-    """The documented order, brute force on the whole store in RAM: blocks permuted and dealt
-    to the ranks, each buffer of blocks sorted and its rows permuted, then cut into batches."""
-    everything = store[:]
-    rng = np.random.default_rng(seed)
-    n_blocks = -(-len(store) // block_rows)
-    blocks = (rng.permutation(n_blocks) if shuffle else np.arange(n_blocks))[rank::world_size]
-    per_buffer = max(1, buffer_rows // block_rows)
-    order = []
-    for start in range(0, len(blocks), per_buffer):
-        index = np.concatenate([np.arange(b * block_rows, min((b + 1) * block_rows, len(store)))
-                                for b in np.sort(blocks[start:start + per_buffer])])
-        order.append(index[rng.permutation(len(index))] if shuffle else index)
-    return list(everything[np.concatenate(order)].split(batch_size))
-
-
-@pytest.mark.parametrize(("shuffle", "seed", "rank", "world_size", "block_rows", "buffer_rows"), [
-    (True, 0, 0, 1, 16, 128),
-    (True, 7, 1, 2, 16, 100),  # buffers of 6 blocks
-    (True, 3, 0, 3, 50, 1 << 18),  # one buffer; blocks cross shard boundaries (248 rows)
-    (False, 0, 0, 1, 1024, 1 << 18),
-    (False, 0, 1, 2, 10, 64),
-])
-def test_batches_follow_the_documented_order(stores, shuffle, seed, rank, world_size, block_rows,
-                                             buffer_rows):
-    """Training resumes by skipping batches: the order is part of the contract."""
+@pytest.mark.parametrize(("batch_size", "world_size"), [(37, 2), (64, 3), (1000, 4)])
+def test_the_order_does_not_depend_on_the_number_of_processes(stores, batch_size, world_size):
+    """Rank r of w gets a slice of each global batch, so the ranks together read exactly what
+    one process reads, batch for batch (torchrun training relies on it)."""
     store = stores[1][SITES[0]]
-    got = list(store.batches(37, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
-                             block_rows=block_rows, buffer_rows=buffer_rows))
-    expected = reference_batches(store, 37, shuffle=shuffle, seed=seed, rank=rank,
-                                 world_size=world_size, block_rows=block_rows,
-                                 buffer_rows=buffer_rows)
-    assert [len(b) for b in got] == [len(b) for b in expected]
-    for a, b in zip(got, expected):
-        assert a.dtype == torch.float32
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    whole = list(store.batches(batch_size, seed=5))
+    parts = [list(store.batches(batch_size, seed=5, rank=r, world_size=world_size))
+             for r in range(world_size)]
+    assert all(len(p) == len(whole) for p in parts)
+    for b, batch in enumerate(whole):
+        torch.testing.assert_close(torch.cat([p[b] for p in parts]), batch, rtol=0, atol=0)
 
 
-def test_shuffled_batches_copy_each_row_once(stores):
-    """No gathered or concatenated copies of a buffer: peak memory is about one buffer."""
-    import tracemalloc
-
+def test_training_reads_the_stores_own_order(stores):
+    """One order: TrainingData's batches are the store's, row for row (full batches)."""
     store = stores[1][SITES[0]]
-    buffer_bytes = len(store) * store.d_model * 4  # one buffer holds the whole store
-    tracemalloc.start()
-    try:
-        n = sum(len(b) for b in store.batches(64, block_rows=16, buffer_rows=len(store)))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert n == len(store)
-    assert buffer_bytes < peak < 1.5 * buffer_bytes
+    data = TrainingData(store)
+    for epoch in (0, 2):
+        expected = [store[:][index] for index in data.global_batches(64, 11, epoch)]
+        got = list(store.batches(64, seed=11, epoch=epoch, drop_last=True))
+        assert len(got) == len(expected) == len(store) // 64
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    resumed = list(batch_indices(len(store), 64, seed=11, epoch=0, start=5))
+    assert all(np.array_equal(a, b) for a, b in
+               zip(resumed, list(batch_indices(len(store), 64, seed=11, epoch=0))[5:],
+                   strict=True))
 
 
 def test_re_running_a_finished_cache_reuses_it(stores, lm):
-    cfg, by_site = stores
+    out, by_site = stores
     before = {p: p.stat().st_mtime_ns for p in by_site[SITES[0]].path.iterdir()}
-    cache_activations(cfg, lm=lm)
+    cache_activations(out, lm=lm, **SETTINGS)
     assert before == {p: p.stat().st_mtime_ns for p in by_site[SITES[0]].path.iterdir()}
 
 
@@ -173,6 +145,8 @@ def test_sigkill_then_resume_gives_an_identical_store(tiny_model_dir, tmp_path):
     names = sorted(p.name for p in (whole / site_dir.name).iterdir())
     assert names == sorted(p.name for p in site_dir.iterdir())  # no leftover temp files
     for name in names:
+        if name == VERIFIED:  # a local record of file mtimes, not the store's content
+            continue
         assert (whole / site_dir.name / name).read_bytes() == (site_dir / name).read_bytes(), name
 
 
@@ -184,41 +158,59 @@ def test_truncated_and_corrupt_shards_are_refused(stores, tmp_path):
     shutil.copytree(src, bad)
     shard = bad / shard_name(1)
     data = bytearray(shard.read_bytes())
-    data[-1] ^= 0xFF  # flip one bit of the last value
+    data[-1] ^= 0xFF  # flip the bits of the last byte
     shard.write_bytes(bytes(data))
     with pytest.raises(SaelabError, match="corrupt"):
-        ActivationStore(bad).verify()
+        ActivationStore(bad)  # opening checks, since the file changed after it was recorded
     shard.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(SaelabError, match="missing or truncated"):
         ActivationStore(bad)
+
+
+def test_verification_is_recorded_and_redone_only_for_changed_shards(stores, tmp_path):
+    import json
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(stores[1][SITES[0]].path, bad)
+    recorded = json.loads((bad / VERIFIED).read_text())  # the writer recorded every shard
+    assert sorted(recorded) == [e["file"] for e in ActivationStore(bad).manifest["shards"]]
+    shard = bad / shard_name(2)
+    stat = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # a flip that keeps the mtime
+    store = ActivationStore(bad)  # not re-hashed: recorded, and unchanged to all appearances
+    with pytest.raises(SaelabError, match="corrupt"):
+        store.verify(force=True)  # ... but a forced check reads every byte
 
 
 def test_non_finite_activations_are_refused(tiny_tokenizer, tmp_path):
     lm = tiny_lm("llama", tiny_tokenizer)
     with torch.no_grad():
         lm.hf_model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
-    cfg = CacheConfig(out=tmp_path, model="tiny", site=("blocks.1.hook_resid_post",), tokens=100,
-                      context_size=16)
     with pytest.raises(SaelabError, match="non-finite"):
-        cache_activations(cfg, lm=lm)
+        cache_activations(tmp_path, lm=lm, model="tiny", sites=("blocks.1.hook_resid_post",),
+                          tokens=100, context_size=16)
 
 
 def test_a_store_of_another_model_or_site_is_refused(stores, lm):
-    cfg, by_site = stores
+    out, by_site = stores
     store = by_site[SITES[0]]
-    store.require(model="tiny", site=SITES[0], fingerprint=lm.fingerprint())
+    store.require(model="tiny", site=SITES[0], fingerprint=lm.fingerprint(), d_model=64)
     with pytest.raises(SaelabError, match="another site"):
         store.require(site="blocks.0.hook_resid_post")
     with pytest.raises(SaelabError, match="another model"):
         store.require(model="gemma-3-270m")
-    from dataclasses import replace
-
-    with pytest.raises(SaelabError, match="another config") as err:
-        cache_activations(replace(cfg, site=("blocks.0.hook_resid_pre",)), lm=lm)
+    with pytest.raises(SaelabError, match="another width"):
+        store.require(d_model=640)
+    with pytest.raises(SaelabError, match="made with other settings") as err:
+        cache_activations(out, lm=lm, **{**SETTINGS, "sites": ("blocks.0.hook_resid_pre",)})
     assert "blocks.0.hook_resid_pre" in str(err.value)
     with pytest.raises(SaelabError, match="site folders"):
-        ActivationStore(cfg.out)  # two sites: which one?
-    assert ActivationStore(cfg.out, site=SITES[1]).site == SITES[1]
+        ActivationStore(out)  # two sites: which one?
+    assert ActivationStore(out, site=SITES[1]).site == SITES[1]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo, tested on Linux")

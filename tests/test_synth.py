@@ -60,7 +60,7 @@ def test_synth_writes_a_store_that_activation_store_reads(tmp_path, capsys):
     # the same command again finds the finished store; another config is refused
     assert main(args) == 0
     assert main([*args[:-2], "--noise", "0.02"]) == 2
-    assert "another config" in capsys.readouterr().err
+    assert "made with other settings" in capsys.readouterr().err
     assert json.loads((tmp_path / "synth.json").read_text())["config"]["noise"] == 0.01
 
 

@@ -168,7 +168,7 @@ def test_second_feature_phase_by_hand():
 
 @pytest.mark.parametrize("sub", list(VERB_GROUPS["toy"][1]))
 def test_every_toy_option_is_explained(sub, capsys):
-    cls = VERB_GROUPS["toy"][1][sub][0]
+    cls = VERB_GROUPS["toy"][1][sub].config
     with pytest.raises(SystemExit):
         main(["toy", sub, "--help"])
     text = capsys.readouterr().out

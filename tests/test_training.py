@@ -194,7 +194,7 @@ def test_training_errors(tmp_path):
     with pytest.raises(sl.SaelabError, match="NaN"):
         sl.train(sl.TrainConfig(n_latents=64, k=4, tokens=1000), bad)
     sl.train(sl.TrainConfig(n_latents=64, k=4, tokens=1000, batch_size=500), x, tmp_path / "r")
-    with pytest.raises(sl.SaelabError, match="(?s)holds another training run.*different k"):
+    with pytest.raises(sl.SaelabError, match="(?s)holds a training run made with other settings.*found: +k=4"):
         sl.train(sl.TrainConfig(n_latents=64, k=5, tokens=1000, batch_size=500), x,
                  tmp_path / "r")
 
@@ -202,9 +202,8 @@ def test_training_errors(tmp_path):
 @pytest.fixture(scope="module")
 def store(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("train-store")
-    sl.cache_activations(sl.CacheConfig(out=root, model=str(tiny_model_dir),
-                                        site=("blocks.1.hook_resid_post",), tokens=3000,
-                                        context_size=32))
+    sl.cache_activations(root, model=str(tiny_model_dir), sites=("blocks.1.hook_resid_post",),
+                         tokens=3000, context_size=32)
     return root
 
 

