@@ -42,26 +42,32 @@ the float32 GEMM (the penalty) is measured here too. Prints the table and writes
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import importlib.metadata
 import importlib.util
-import json
-import os
-import platform
 import sys
 import time
 import types
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from cpu_share import CpuWatch
+from common import (
+    CpuWatch,
+    add_output_args,
+    environment,
+    finish,
+    gemm_times,
+    load_average,
+    logger,
+    out_path,
+    render_table,
+    timed,
+    write_json,
+)
 from saelab.coding import Coder, SparseCode
 from saelab.coding.correlations import BlockedGram, Correlations
 from saelab.coding.pursuit import GRAM_PENALTY, gram_pays
@@ -70,18 +76,14 @@ THREADS = 2
 SEED = 0
 NOISE_SHARE = 0.05  # noise energy / signal energy, per token on average
 SAME_SUPPORTS = 0.99  # fraction of tokens with equal supports that counts as "the same"
-ROOT = Path(__file__).resolve().parent
-DEFAULT_OUT = ROOT / "results" / "coding.json"
-
-
-def log(msg: str) -> None:
-    """Progress on stderr, so stdout holds only the results."""
-    print(f"[coding {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+PEERS = ("numpy", "scikit-learn", "scipy", "dictionary-learning", "overcomplete", "torchvision")
+log = logger("coding")
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes of one run: the full benchmark, or a --quick smoke run of smaller shapes."""
+    """Sizes of one run: the full benchmark, a --quick run of smaller shapes, or a --smoke
+    run of tiny ones (one timed run a row)."""
 
     n_latents: int
     d_model: int
@@ -106,6 +108,13 @@ class Plan:
                    {"saelab": 512, "saelab_nogram": 256, "dictionary_learning": 128,
                     "overcomplete": 128, "sklearn": 32, "sklearn_gram": 8},
                    max_repeats=2, repeat_budget_s=5.0, gemm_reps=3)
+
+    @classmethod
+    def smoke(cls) -> Plan:
+        return cls(1024, 64, 128, (8,), 8,
+                   {"saelab": 128, "saelab_nogram": 64, "dictionary_learning": 32,
+                    "overcomplete": 32, "sklearn": 8, "sklearn_gram": 4},
+                   max_repeats=1, repeat_budget_s=0.0, gemm_reps=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,11 +184,8 @@ def measure_gemm(problem: Problem, reps: int) -> dict[str, Any]:
     """GEMM rates of x [batch, d] x W' [d, n]: the correlations of a whole batch, the product
     every pursuit step that recomputes them pays (float32), or screens them (bfloat16)."""
     x, W = problem.x, problem.W
-    out = x.new_empty(len(x), len(W))
-    best = min(_timed(lambda: torch.mm(x, W.T, out=out)) for _ in range(reps))
-    xh, Wh = x.bfloat16(), W.bfloat16()
-    out_h = out.bfloat16()
-    best_h = min(_timed(lambda: torch.mm(xh, Wh.T, out=out_h)) for _ in range(reps))
+    best = min(gemm_times(x, W.T, reps))
+    best_h = min(gemm_times(x.bfloat16(), W.bfloat16().T, reps))
     flops = 2 * x.shape[0] * x.shape[1] * W.shape[0]
     return {"shape": [x.shape[0], x.shape[1], W.shape[0]], "best_s": best,
             "flops_per_s": flops / best, "bf16_best_s": best_h, "bf16_flops_per_s": flops / best_h}
@@ -198,16 +204,10 @@ def measure_gram_update(problem: Problem, gemm_rate: float, ms: Sequence[int]
     for m in ms:
         idx = torch.rand(B, n, generator=g).topk(m).indices
         dz = torch.randn(B, m, generator=g)
-        best = min(_timed(lambda: c.sub_gram_rows_(idx, dz, gram)) for _ in range(3))
+        best = min(timed(lambda: c.sub_gram_rows_(idx, dz, gram), 3)[0])
         rate = 2 * B * m * n / best
         rows.append({"m": m, "best_s": best, "flops_per_s": rate, "penalty": gemm_rate / rate})
     return {"assumed_penalty": GRAM_PENALTY, "by_m": rows}
-
-
-def _timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def floor_seconds(floor: str, plan: Plan, k: int, gemm: dict[str, Any]) -> float:
@@ -254,13 +254,15 @@ class Method:
 
 def saelab_setup(method: str, *, gram: bool | str = "auto", nonnegative: bool = False
                  ) -> Callable[[Problem, int], Encoder]:
-    """A `Coder` built once per k and reused, as its docstring asks (it keeps the Gram)."""
+    """A `Coder` built once per k and reused, as its docstring asks (it keeps the Gram).
+    `gram_used` is its public `plan(rows).gram`: whether the Gram path codes such a batch (it
+    built G on the warm-up call if so)."""
 
     def setup(problem: Problem, k: int) -> Encoder:
         coder = Coder(problem.W, method, k=k, gram=gram, nonnegative=nonnegative)
         rows = 8 if gram is False else -(-len(problem.W) // k)  # batch x k >= n: builds G
         coder(problem.x[:rows])
-        return Encoder(coder, info={"gram_used": coder._gram_matrix is not None})
+        return Encoder(coder, info={"gram_used": coder.plan(rows).gram})
 
     return setup
 
@@ -333,15 +335,17 @@ def import_overcomplete() -> tuple[type, type]:
 
 
 def overcomplete_setup(which: str) -> Callable[[Problem, int], Encoder]:
-    """An overcomplete SAE (identity encoder) whose dictionary is set to W, in eval mode
+    """An overcomplete SAE (identity encoder) whose dictionary is W, given through its
+    public `dictionary_params={"initializer": W}` (DictionaryLayer's argument), in eval mode
     (the fused dictionary, no dropout); `encode` returns (residual, dense codes)."""
 
     def setup(problem: Problem, k: int) -> Encoder:
         MpSAE, OMPSAE = import_overcomplete()
         cls = MpSAE if which == "mp" else OMPSAE
-        with torch.no_grad():
-            sae = cls(problem.W.shape[1], problem.W.shape[0], k=k)
-            sae.dictionary._weights.data = problem.W.clone()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # its torch.tensor(initializer) copy
+            sae = cls(problem.W.shape[1], problem.W.shape[0], k=k,
+                      dictionary_params={"initializer": problem.W.clone()})
             sae.eval()
 
         def run(x: Tensor) -> Tensor:
@@ -531,19 +535,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                       _fmt_share(r["of_floor"]), _fmt_x(r.get("vs_sklearn")),
                       _fmt_x(r.get("vs_dictionary_learning_gp")),
                       f"{r['others_cpu_share']:.0%}"])
-    full = [ln for ln in lines if len(ln) == len(head)]
-    widths = [max(len(head[i]), *(len(ln[i]) for ln in full)) for i in range(len(head))]
-
-    def fmt(cells: list[str]) -> str:
-        if not cells:
-            return ""
-        if len(cells) != len(head):
-            return "  ".join([cells[0].rjust(widths[0]), cells[1].ljust(widths[1]),
-                              cells[2].rjust(widths[2]), cells[3]])
-        return "  ".join(c.ljust(w) if i == 1 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+    return render_table(head, lines, left=(1,))
 
 
 def format_checks(checks: list[dict[str, Any]]) -> str:
@@ -572,34 +564,13 @@ def format_goals(goal_rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def environment() -> dict[str, Any]:
-    """What the numbers depend on: CPU, threads, torch and the peers' versions, load."""
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
-                .splitlines() if ln.startswith("model name")), platform.processor())
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "python": platform.python_version(), "executable": sys.executable,
-            "torch": torch.__version__, "cpu": cpu, "cores": os.cpu_count(),
-            "threads": THREADS, "loadavg_start": os.getloadavg(),
-            "versions": {d: _version(d) for d in ("saelab", "numpy", "scikit-learn", "scipy",
-                                                  "dictionary-learning", "overcomplete",
-                                                  "torchvision")}}
-
-
 def header(plan: Plan, gemm: dict[str, Any], sparse: dict[str, Any], env: dict[str, Any]) -> str:
     """The lines above the table: problem, machine, floors."""
     B, d, n = gemm["shape"]
     pen = ", ".join(f"m={r['m']}: {r['penalty']:.1f}" for r in sparse["by_m"])
     return "\n".join([
         f"Sparse coding, n_latents {plan.n_latents}, d_model {plan.d_model}, batch {plan.batch}, "
-        f"{THREADS} threads, {env['cpu']}; load average {env['loadavg_start'][0]:.2f} -> "
-        f"{env['loadavg_end'][0]:.2f}",
+        f"{THREADS} threads, {env['cpu']}; {load_average(env)}",
         f"data: {plan.atoms_per_token} of the dictionary's unit rows per token, exponential "
         f"weights, + gaussian noise at {NOISE_SHARE:.0%} of the signal energy",
         f"GEMM [{B},{d}]x[{d},{n}]: float32 {gemm['best_s'] * 1e3:.0f} ms, "
@@ -615,10 +586,11 @@ def header(plan: Plan, gemm: dict[str, Any], sparse: dict[str, Any], env: dict[s
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(THREADS)
-    plan = Plan.quick() if args.quick else Plan.full()
+    plan = Plan.smoke() if args.smoke else Plan.quick() if args.quick else Plan.full()
     ks = tuple(args.ks) if args.ks else plan.ks
     methods = [m for m in METHODS if not args.only or any(s in m.key for s in args.only)]
-    env = environment()
+    out = out_path(args, "coding")
+    env = environment(THREADS, PEERS)
     log(f"plan {plan}; load average {env['loadavg_start']}")
     problem = make_problem(plan)
     gemm = measure_gemm(problem, plan.gemm_reps)
@@ -632,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         k_rows, k_checks = run_k(problem, plan, k, gemm, methods)
         rows += k_rows
         checks.append(k_checks)
-    env["loadavg_end"] = os.getloadavg()
+    finish(env)
     goal_rows = goals(rows, checks)
     result = {"environment": env, "plan": asdict(plan), "ks": list(ks),
               "data": {"dictionary": "unit-norm gaussian rows", "atoms_per_token":
@@ -648,16 +620,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(format_checks(checks))
     print()
     print(format_goals(goal_rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    log(f"wrote {args.out}")
+    write_json(out, result)
+    log(f"wrote {out}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: n_latents 2048, d_model 128, batch 512, k 8 and 16")
+    add_output_args(parser, "coding", quick="n_latents 2048, d_model 128, batch 512, k 8 and 16",
+                    smoke="n_latents 1024, d_model 64, batch 128, k 8, one timed run a row")
     parser.add_argument("--ks", type=int, nargs="+", default=None, help="override the k values")
     parser.add_argument("--only", nargs="+", default=None,
                         help="run only the methods whose name contains one of these strings")

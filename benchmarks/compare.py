@@ -16,7 +16,9 @@ coders' own speed against scikit-learn and dictionary_learning is in benchmarks/
 
 The machine's cores are shared: each row also records the share of the CPU other processes
 took while it was timed (from /proc/stat, less this process's own time). It prints a table and
-writes JSON (`--out`).
+writes JSON (`--out`). Every call is saelab's public API: `cache_activations`, `train`,
+`saelab.evals` (`CompareConfig`, `corpus_windows`, `site_activations`, `clean_pass`,
+`spliced_loss`, `plan`) and `Coder`, with the demo's settings from `saelab.verbs.demo`.
 """
 
 from __future__ import annotations
@@ -26,50 +28,57 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import argparse
-import datetime
-import json
-import platform
+import dataclasses
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import saelab
-from cpu_share import CpuWatch
+from common import (
+    CpuWatch,
+    add_output_args,
+    environment,
+    finish,
+    gemm_times,
+    out_path,
+    render_table,
+    timed,
+    write_json,
+)
 from saelab.coding import Coder, fit_scale
-from saelab.evals.splice import clean_pass, spliced_loss
-from saelab.verbs.compare import CompareConfig, _activations, _windows
+from saelab.evals import (
+    CompareConfig,
+    clean_pass,
+    corpus_windows,
+    plan,
+    site_activations,
+    spliced_loss,
+)
 from saelab.verbs.demo import FULL, QUICK, SITE
-from saelab.verbs.train import TrainCommand, run_train
 
 THREADS = 2
-DEFAULT_OUT = Path(__file__).parent / "results" / "compare.json"
+# A smoke run: the demo's quick settings, smaller still (what proves the script runs)
+SMOKE = dataclasses.replace(QUICK, cache_tokens=2_000, n_latents=256, train_tokens=4_000,
+                            eval_tokens=126, fit_tokens=126, ks=(8,))
 
 
-def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:
+def median_time(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:
     """(median seconds, last result) of `repeats` calls."""
-    times, out = [], None
-    for _ in range(repeats):
-        began = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - began)
+    times, out = timed(fn, repeats)
     return statistics.median(times), out
 
 
 def gemm_rate() -> float:
+    """float32 FLOP/s of [1024, 640] x [640, 8192], the median of 5 into one output."""
     a, b = torch.randn(1024, 640), torch.randn(640, 8192)
-    torch.mm(a, b)
-    seconds, _ = timed(lambda: torch.mm(a, b), 5)
-    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / seconds
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / statistics.median(gemm_times(a, b, 5))
 
 
-def run(quick: bool, work: Path) -> dict[str, Any]:
-    s = QUICK if quick else FULL
+def run(s: Any, work: Path, load_repeats: int) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
 
     def row(stage: str, seconds: float, watch: CpuWatch, tokens: int | None = None,
@@ -82,26 +91,28 @@ def run(quick: bool, work: Path) -> dict[str, Any]:
 
     saelab.load_model("gemma-3-270m")  # convert once, outside the timing
     watch = CpuWatch()
-    seconds, lm = timed(lambda: saelab.load_model("gemma-3-270m"), 3)
+    seconds, lm = median_time(lambda: saelab.load_model("gemma-3-270m"), load_repeats)
     row("load (cached)", seconds, watch)
-    cache_cfg = saelab.CacheConfig(out=work / "activations", tokens=s.cache_tokens,
-                                   context_size=s.context_size)
     watch = CpuWatch()
-    seconds, stores = timed(lambda: saelab.cache_activations(cache_cfg, lm))
+    seconds, stores = median_time(lambda: saelab.cache_activations(
+        work / "activations", sites=(SITE,), tokens=s.cache_tokens,
+        context_size=s.context_size, lm=lm))
     store = stores[SITE]
     row("cache", seconds, watch, len(store))
     watch = CpuWatch()
-    seconds, sae = timed(lambda: run_train(TrainCommand(
-        activations=store.path, out=work / "sae", architecture="topk", n_latents=s.n_latents,
-        k=s.k, tokens=s.train_tokens, batch_size=s.batch_size,
-        lr_warmup_steps=s.lr_warmup_steps)))
+    seconds, sae = median_time(lambda: saelab.train(saelab.TrainConfig(
+        architecture="topk", n_latents=s.n_latents, k=s.k, tokens=s.train_tokens,
+        batch_size=s.batch_size, lr_warmup_steps=s.lr_warmup_steps), store, work / "sae"))
     row("train", seconds, watch, s.train_tokens)
 
     cfg = CompareConfig(sae=str(work / "sae"), out=work / "compare", site=SITE,
                         tokens=s.eval_tokens, fit_tokens=s.fit_tokens,
-                        context_size=s.context_size, skip_tokens=len(store))
-    fit_windows, windows = _windows(cfg, lm)
-    held_out = _activations(lm, SITE, fit_windows)
+                        context_size=s.context_size, skip_tokens=len(store), k=s.ks)
+    fit_windows, windows = corpus_windows(lm, cfg.corpus, text_column=cfg.text_column,
+                                          context_size=cfg.context_size,
+                                          skip_tokens=cfg.skip_tokens,
+                                          fit_tokens=cfg.fit_tokens, tokens=cfg.tokens)
+    held_out = site_activations(lm, SITE, fit_windows)
     scale = fit_scale(sae, held_out)
     per_batch = max(1, cfg.batch_tokens // s.context_size)
     batches = [torch.from_numpy(windows[i:i + per_batch])
@@ -113,10 +124,10 @@ def run(quick: bool, work: Path) -> dict[str, Any]:
     cleans = []
     watch = CpuWatch()  # one watch for the three interleaved rows
     for ids in batches:
-        plain += timed(lambda ids=ids: lm.logits(ids))[0]
-        t, clean = timed(lambda ids=ids: clean_pass(lm, SITE, ids))
+        plain += median_time(lambda ids=ids: lm.logits(ids))[0]
+        t, clean = median_time(lambda ids=ids: clean_pass(lm, SITE, ids))
         clean_t += t
-        splice_t += timed(lambda c=clean: spliced_loss(lm, SITE, c, c.activations))[0]
+        splice_t += median_time(lambda c=clean: spliced_loss(lm, SITE, c, c.activations))[0]
         cleans.append(clean)
     row("plain forward (logits only)", plain, watch, n_tokens)
     row("clean pass (read site, log-probs)", clean_t, watch, n_tokens,
@@ -129,47 +140,47 @@ def run(quick: bool, work: Path) -> dict[str, Any]:
     for coder in ("encoder", "encoder-refit", "encoder-scaled", "mp", "gp", "omp"):
         c = Coder(sae, coder, k=k if coder in ("mp", "gp", "omp") else None, scale=scale)
         watch = CpuWatch()
-        seconds, _ = timed(lambda c=c: c(x))
+        seconds, _ = median_time(lambda c=c: c(x))
         row(f"code: {coder}" + (f" k={k}" if coder in ("mp", "gp", "omp") else ""), seconds,
             watch, coded)
-    n_rows = 3 + 3 * len(set(s.ks) | {k})
-    return {"rows": rows, "settings": s.__dict__, "matched_k": k,
+    n_rows = len(plan(cfg.coders, cfg.k, k))  # the comparison's rows (saelab.evals.plan)
+    return {"rows": rows, "settings": dataclasses.asdict(s), "matched_k": k,
             "compare_rows": n_rows, "passes_per_batch": n_rows + 2,
             "naive_passes_per_batch": 2 * n_rows + 1}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the demo's --quick settings")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    add_output_args(parser, "compare", quick="the demo's --quick settings",
+                    smoke="smaller than --quick (2,000 cached tokens, 256 latents trained on "
+                    "4,000 tokens, 126 evaluated), one cached load")
     args = parser.parse_args()
+    settings = SMOKE if args.smoke else QUICK if args.quick else FULL
+    out = out_path(args, "compare")
     torch.set_num_threads(THREADS)
+    env = environment(THREADS)
     rate = gemm_rate()
     print(f"float32 GEMM: {rate / 1e9:.0f} GFLOP/s on {THREADS} threads", flush=True)
     watch = CpuWatch()
     with tempfile.TemporaryDirectory() as work:
-        result = run(args.quick, Path(work))
+        result = run(settings, Path(work), load_repeats=1 if args.smoke else 3)
     others = watch.others_share()
     params = 268e6 - 262144 * 640  # Gemma 3 270M without the embedding (read by index)
     floor_tok_s = rate / (2 * (params + 262144 * 640))  # blocks + LM head (tied embedding)
     print(f"\nother processes took {others:.0%} of the CPU over the whole run")
-    print(f"{'stage':<36} {'seconds':>9} {'tokens/s':>10} {'vs plain':>9} {'others CPU':>10}")
-    for r in result["rows"]:
-        tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else ""
-        over = f"{r['overhead']:+.1%}" if "overhead" in r else ""
-        print(f"{r['stage']:<36} {r['seconds']:>9.2f} {tps:>10} {over:>9} "
-              f"{r['others_cpu_share']:>10.0%}")
+    lines = [[r["stage"], f"{r['seconds']:.2f}",
+              f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "",
+              f"{r['overhead']:+.1%}" if "overhead" in r else "",
+              f"{r['others_cpu_share']:.0%}"] for r in result["rows"]]
+    print(render_table(["stage", "seconds", "tokens/s", "vs plain", "others CPU"], lines))
     print(f"floor: a forward pass at the GEMM rate {floor_tok_s:,.0f} tokens/s; "
           f"compare runs {result['passes_per_batch']} passes per batch for "
           f"{result['compare_rows']} rows (clean once), not {result['naive_passes_per_batch']}")
-    result.update({"others_cpu_share": others, "gemm_gflops": rate / 1e9, "floor_forward_tokens_per_s": floor_tok_s,
-                   "threads": THREADS, "quick": args.quick, "machine": platform.machine(),
-                   "torch": torch.__version__, "saelab": saelab.__version__,
-                   "date": datetime.date.today().isoformat(),
-                   "cpu_count": os.cpu_count(), "numpy": np.__version__})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    result.update({"others_cpu_share": others, "gemm_gflops": rate / 1e9,
+                   "floor_forward_tokens_per_s": floor_tok_s, "threads": THREADS,
+                   "quick": args.quick, "smoke": args.smoke, "environment": finish(env)})
+    write_json(out, result)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ One run measures, on Gemma 3 270M (the embedded default) at `blocks.6.hook_resid
 2 threads and batches of 8 x 256 tokens of the built-in `python-docs` corpus:
 
 1. load: import time, the first load (GGUF dequantise + convert, into a throwaway
-   `SAELAB_CACHE`) and the cached load (median of subprocesses), each in a fresh interpreter;
+   `SAELAB_CACHE`) and the cached load (median of subprocesses), each in a fresh interpreter,
+   and transformers' own model and tokenizer loads of the converted folder, in another;
 2. extraction tokens/s: a full forward pass, a bare forward hook that raises (the reference
    floor), `lm.read`, `cache_activations` end to end, and TransformerLens / nnsight where they
    run offline; with GFLOP/s against an estimate of the FLOPs the pass needs;
@@ -24,14 +25,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import argparse
 import ctypes
-import datetime
 import importlib.metadata
 import importlib.util
-import json
 import mmap
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +42,18 @@ import torch
 from torch import Tensor, nn
 
 import saelab
-from cpu_share import others_cpu
+from common import (
+    ChildFailed,
+    add_output_args,
+    environment,
+    finish,
+    json_child,
+    logger,
+    others_cpu,
+    out_path,
+    render_table,
+    write_json,
+)
 from saelab.activations.writer import finalise, write_shard
 from saelab.corpus import iter_documents, token_windows
 
@@ -61,19 +69,14 @@ GOAL_LOAD_S = 2.0  # cached load
 GOAL_CACHE_VS_FLOOR = 0.8  # (d) tokens/s over (b)'s
 GOAL_SHUFFLED_VS_SEQ = 0.5  # shuffled store read over the disk's sequential read
 READ_CHUNK = 16 << 20  # bytes per read() of the sequential-read measurements
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "extract.json"
-
-
-def log(msg: str) -> None:
-    """Progress on stderr, so stdout holds only the table."""
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
+PEERS = ("transformers", "transformer-lens", "nnsight")
+log = logger("extract")
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How much of each measurement to do: the full run, or a --quick smoke run."""
+    """How much of each measurement to do: the full run, a --quick run, or a --smoke run
+    (one batch, one cached load, a 32 MB store of 16 MiB shards read once)."""
 
     batches: int  # timed batches per extraction method (same windows for every method)
     full_every: int  # the full forward pass (6.7x the FLOPs) is timed on every n-th batch only
@@ -81,9 +84,14 @@ class Plan:
     first_load: bool
     store_gb: float  # size of the synthetic store read back in section 3
     store_reps: int  # each read of section 3 this many times (median)
+    shard_mb: int = 256  # shard size of the synthetic store (cache_activations' default)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
+        if args.smoke:
+            return cls(batches=args.batches or 1, full_every=1, cached_loads=1,
+                       first_load=False, store_gb=args.store_gb or 0.032, store_reps=1,
+                       shard_mb=16)
         quick = args.quick
         return cls(batches=args.batches or (2 if quick else 8), full_every=2 if quick else 4,
                    cached_loads=1 if quick else 3,
@@ -96,48 +104,60 @@ class Plan:
 # 1. load
 # ---------------------------------------------------------------------------------------------
 
-# Runs in a fresh interpreter, so import and load times are what a user sees. The model and
-# tokenizer parts are timed by wrapping the two from_pretrained calls saelab makes (when the
-# names are still there; otherwise only the total is reported).
+# Each runs in a fresh interpreter, so import and load times are what a user sees. The first
+# times `saelab.load_model` as a whole (`load_s`); the second, on the folder that load read
+# (the converted copy, in the page cache by then), imports the same and then times
+# transformers' public loaders one by one: the model, the tokenizer read from tokenizer.json
+# as a fast tokenizer, and AutoTokenizer (which parses that file in Python first).
 _LOAD_CHILD = """
-import json, sys, time
+import json, time
 t0 = time.perf_counter()
 import torch, saelab
-import saelab.lm.loading as loading
 t1 = time.perf_counter()
 torch.set_num_threads({threads})
-parts = {{}}
-def timed(owner, key):
-    cls = getattr(loading, owner, None)
-    if cls is None:
-        return
-    orig = cls.from_pretrained
-    def wrapper(*a, **k):
-        t = time.perf_counter()
-        try:
-            return orig(*a, **k)
-        finally:
-            parts[key] = parts.get(key, 0.0) + time.perf_counter() - t
-    setattr(loading, owner, type(owner, (), {{"from_pretrained": staticmethod(wrapper)}}))
-timed("AutoModelForCausalLM", "model_s")
-timed("AutoTokenizer", "tokenizer_s")
 lm = saelab.load_model({model!r})
 t2 = time.perf_counter()
-print(json.dumps({{"import_s": t1 - t0, "load_s": t2 - t1, **parts}}))
+print(json.dumps({{"import_s": t1 - t0, "load_s": t2 - t1,
+                  "folder": lm.hf_model.name_or_path}}))
+"""
+_PARTS_CHILD = """
+import json, time
+from pathlib import Path
+import torch, saelab  # what the other child had imported when it called load_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers.utils import logging
+torch.set_num_threads({threads})
+logging.disable_progress_bar()
+folder = Path({folder!r})
+loads = {{"model_s": lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+         "tokenizer_s": lambda: PreTrainedTokenizerFast(
+             tokenizer_file=str(folder / "tokenizer.json")),
+         "auto_tokenizer_s": lambda: AutoTokenizer.from_pretrained(folder)}}
+result = {{}}
+for key, load in loads.items():
+    t = time.perf_counter()
+    load()
+    result[key] = time.perf_counter() - t
+print(json.dumps(result))
 """
 
 
-def load_in_subprocess(cache_dir: Path | None, timeout: float) -> dict[str, float]:
-    """Time `import saelab` and `load_model` in a fresh interpreter (optionally another cache)."""
+def load_in_subprocess(cache_dir: Path | None, timeout: float, parts: bool = True
+                       ) -> dict[str, Any]:
+    """Time `import saelab` and `load_model` in a fresh interpreter (optionally another
+    cache); with `parts`, then transformers' own loads of the folder it read, in another."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if cache_dir is not None:
         env["SAELAB_CACHE"] = str(cache_dir)
-    code = _LOAD_CHILD.format(threads=THREADS, model=MODEL)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"load subprocess failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        result = json_child([sys.executable, "-c", _LOAD_CHILD.format(
+            threads=THREADS, model=MODEL)], env, timeout)
+        if parts:
+            result.update(json_child([sys.executable, "-c", _PARTS_CHILD.format(
+                threads=THREADS, folder=result["folder"])], env, timeout))
+    except ChildFailed as err:
+        raise RuntimeError(f"load subprocess failed: {err}") from err
+    return result
 
 
 def measure_load(plan: Plan) -> dict[str, Any]:
@@ -146,13 +166,14 @@ def measure_load(plan: Plan) -> dict[str, Any]:
     if plan.first_load:
         log("first load: dequantising the GGUF into a temporary SAELAB_CACHE (about a minute)")
         with tempfile.TemporaryDirectory(prefix="saelab-bench-cache-") as tmp:
-            result["first"] = load_in_subprocess(Path(tmp), timeout=900)
+            result["first"] = load_in_subprocess(Path(tmp), timeout=900, parts=False)
     runs = []
     for i in range(plan.cached_loads):
         log(f"cached load {i + 1}/{plan.cached_loads}")
         runs.append(load_in_subprocess(None, timeout=300))
     result["cached_runs"] = runs
-    result["cached"] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    result["cached"] = {k: statistics.median(r[k] for r in runs) for k in runs[0]
+                        if k != "folder"}
     return result
 
 
@@ -288,12 +309,16 @@ def transformer_lens(lm: saelab.LanguageModel) -> tuple[Callable[[Tensor], Tenso
     model = TransformerBridge.boot_transformers(
         HF_ID, hf_model=lm.hf_model, tokenizer=lm.tokenizer, device="cpu",
         hf_config_overrides={"architectures": ["Gemma3ForCausalLM"]})
+    return _tl_read(model), f"TL {version}: TransformerBridge (eager attention)"
 
+
+def _tl_read(model: Any) -> Callable[[Tensor], Tensor]:
+    """A TransformerLens model's read of the site: `run_with_cache`, stopped after its block."""
     def run(ids: Tensor) -> Tensor:
         with torch.inference_mode():
             _, cache = model.run_with_cache(ids, names_filter=[SITE], stop_at_layer=LAYER + 1)
         return cache[SITE]
-    return run, f"TL {version}: TransformerBridge (eager attention)"
+    return run
 
 
 def _hooked_transformer(lm: saelab.LanguageModel, version: str
@@ -307,11 +332,7 @@ def _hooked_transformer(lm: saelab.LanguageModel, version: str
     except Exception as err:  # offline config lookup, unknown model name: report, don't crash
         raise Unavailable(f"TL {version} HookedTransformer: {_first_line(err)}") from err
 
-    def run(ids: Tensor) -> Tensor:
-        with torch.inference_mode():
-            _, cache = model.run_with_cache(ids, names_filter=[SITE], stop_at_layer=LAYER + 1)
-        return cache[SITE]
-    return run, f"TL {version}: HookedTransformer"
+    return _tl_read(model), f"TL {version}: HookedTransformer"
 
 
 def nnsight_trace(lm: saelab.LanguageModel) -> tuple[Callable[[Tensor], Tensor], str]:
@@ -392,10 +413,9 @@ def time_cache(lm: saelab.LanguageModel, n_windows: int) -> dict[str, Any]:
     of the windows it runs (BOS included, as for the other rows)."""
     rows = n_windows * (CONTEXT - 1)  # BOS positions are not stored
     with tempfile.TemporaryDirectory(prefix="saelab-bench-acts-") as tmp:
-        cfg = saelab.CacheConfig(out=Path(tmp), model=MODEL, site=(SITE,), tokens=rows,
-                                 context_size=CONTEXT, batch_size=BATCH)
         start = time.perf_counter()
-        stores = saelab.cache_activations(cfg, lm=lm)
+        stores = saelab.cache_activations(tmp, model=MODEL, sites=(SITE,), tokens=rows,
+                                          context_size=CONTEXT, batch_size=BATCH, lm=lm)
         seconds = time.perf_counter() - start
         assert len(stores[SITE]) == rows
     return {"seconds": seconds, "windows": n_windows, "rows": rows,
@@ -456,9 +476,11 @@ def measure_extraction(lm: saelab.LanguageModel, plan: Plan) -> dict[str, Any]:
 # 3. store read
 # ---------------------------------------------------------------------------------------------
 
-def write_synthetic_store(folder: Path, gb: float, d_model: int = 640) -> list[Path]:
-    """A store of about `gb` GB of random float32 rows, written by saelab's own writer."""
-    rows_per_shard = (256 << 20) // (d_model * 4) // (CONTEXT - 1) * (CONTEXT - 1)
+def write_synthetic_store(folder: Path, gb: float, shard_mb: int = 256, d_model: int = 640
+                          ) -> list[Path]:
+    """A store of about `gb` GB of random float32 rows in shards of `shard_mb` MiB, written by
+    saelab's own writer."""
+    rows_per_shard = (shard_mb << 20) // (d_model * 4) // (CONTEXT - 1) * (CONTEXT - 1)
     n_shards = max(1, round(gb * 1e9 / (rows_per_shard * d_model * 4)))
     rng = np.random.default_rng(0)
     for i in range(n_shards):
@@ -567,7 +589,7 @@ def measure_store(plan: Plan, scratch: Path | None) -> dict[str, Any]:
         folder = Path(tmp)
         log(f"writing a {plan.store_gb:g} GB synthetic store in {tmp}")
         start = time.perf_counter()
-        paths = write_synthetic_store(folder, plan.store_gb)
+        paths = write_synthetic_store(folder, plan.store_gb, plan.shard_mb)
         write_s = time.perf_counter() - start
         log("reading it back")
         res: dict[str, Any] = {"kind": "synthetic, written with saelab.activations.writer",
@@ -616,18 +638,7 @@ def repeat_reads(reads: dict[str, Callable[[], dict[str, Any]]], reps: int
 
 def render(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """An aligned text table: first and last columns left-aligned, the numbers right-aligned."""
-    cols = list(zip(header, *rows, strict=False)) if rows else [(h,) for h in header]
-    widths = [max(len(c) for c in col) for col in cols]
-
-    def line(cells: Sequence[str]) -> str:
-        out = []
-        for i, (cell, w) in enumerate(zip(cells, widths, strict=True)):
-            left = i == 0 or i == len(widths) - 1
-            out.append(cell.ljust(w) if left else cell.rjust(w))
-        return "  ".join(out).rstrip()
-
-    rule = "-" * len(line(header))
-    return "\n".join([title, line(header), rule, *(line(r) for r in rows)])
+    return render_table(header, rows, left=(0, -1), title=title)
 
 
 def verdict(ok: bool) -> str:
@@ -647,10 +658,12 @@ def load_table(load: dict[str, Any]) -> str:
     rows.append([f"cached load, median of {n}", f"{cached['load_s']:.2f} s",
                  f"<= {GOAL_LOAD_S:g} s", verdict(cached["load_s"] <= GOAL_LOAD_S),
                  "load_model only; weights in page cache"])
-    for key, label in [("model_s", "  of which model from_pretrained"),
-                       ("tokenizer_s", "  of which tokenizer from_pretrained")]:
+    for key, label, note in [  # transformers' loaders on the same folder, own interpreter
+            ("model_s", "  transformers: the model", "AutoModelForCausalLM.from_pretrained"),
+            ("tokenizer_s", "  transformers: fast tokenizer", "PreTrainedTokenizerFast(file)"),
+            ("auto_tokenizer_s", "  transformers: AutoTokenizer", "AutoTokenizer.from_pretrained")]:
         if key in cached:
-            rows.append([label, f"{cached[key]:.2f} s", "", "", ""])
+            rows.append([label, f"{cached[key]:.2f} s", "", "", note])
     return render("1. load", ["", "time", "goal", "", "note"], rows)
 
 
@@ -733,30 +746,11 @@ def store_table(st: dict[str, Any]) -> str:
     return render(title, ["", "GB/s", "vs seq", "cached", "goal", "note"], rows)
 
 
-def environment() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    def version(dist: str) -> str | None:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": sys.version.split()[0], "executable": sys.executable, "cpu": cpu,
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "load_average": os.getloadavg(),
-            **{name: version(name) for name in ["saelab", "torch", "transformers",
-                                                 "transformer-lens", "nnsight"]}}
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2 batches, 1 cached load, 0.25 GB store, no first load")
+    add_output_args(parser, "extract",
+                    quick="2 batches, 1 cached load, 0.25 GB store, no first load",
+                    smoke="1 batch, 1 cached load, a 32 MB store read once, no first load")
     parser.add_argument("--skip-first-load", action="store_true",
                         help="skip the first (GGUF-converting) load, about a minute")
     parser.add_argument("--batches", type=int, default=None,
@@ -768,18 +762,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _write_json(path: Path, results: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """The whole benchmark: load, extraction, store; prints the tables, writes the JSON."""
     args = parse_args(argv)
     plan = Plan.from_args(args)
+    out = out_path(args, "extract")
     torch.set_num_threads(THREADS)
+    env = environment(THREADS, PEERS)
     started = time.perf_counter()
     log("loading the model in this process (converts it into your cache if it is not there)")
     lm = saelab.load_model(MODEL)
@@ -793,18 +782,19 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         store = measure_store(plan, args.scratch)
     results = {"benchmark": "extract", "model": MODEL, "site": SITE, "batch": BATCH,
                "context": CONTEXT, "corpus": CORPUS, "plan": asdict(plan),
-               "environment": environment(), "cpu_taken_by_others": busy,
+               "environment": finish(env), "cpu_taken_by_others": busy,
                "load": load, "extraction": extraction,
                "store": store, "wall_s": time.perf_counter() - started}
-    _write_json(args.out, results)
+    write_json(out, results, indent=2)
     header = (f"saelab extraction benchmark: {MODEL} at {SITE}, batches of {BATCH} x {CONTEXT} "
-              f"tokens of {CORPUS}, {THREADS} threads{' (quick)' if args.quick else ''}\n"
+              f"tokens of {CORPUS}, {THREADS} threads{' (quick)' if args.quick else ''}"
+              f"{' (smoke)' if args.smoke else ''}\n"
               f"{os.cpu_count()} cores; CPU taken by other processes: "
               + ", ".join(f"{k} {v:.0%}" for k, v in busy.items())
               + ("  <- contended: numbers are slower and noisier" if max(busy.values(), default=0)
                  > 0.1 else ""))
     print("\n\n".join([header, load_table(load), extraction_table(extraction),
-                       store_table(store), f"results: {args.out}"]))
+                       store_table(store), f"results: {out}"]))
     return results
 
 

@@ -4,10 +4,12 @@ One run trains a TopK SAE (n_latents 16384, d_model 640, k 32, batches of 4096 r
 `torch.set_num_threads(2)`) on the same synthetic data in every library, each row in its own
 subprocess so its peak RSS (`ru_maxrss`) is its own:
 
-- saelab: `saelab.train(TrainConfig(architecture="topk", ...), tensor)`, its real `_step`
-  timed by wrapping it in place: `TopKSAE.loss` through `sparse_topk.TopKAutoencode` (one
-  dense GEMM, the encoder's forward; sparse decoder and hand-written sparse backward, no
-  dense [batch, n_latents] codes; AuxK over the dead latents' columns only), fused Adam;
+- saelab: its public `Trainer(TrainConfig(architecture="topk", ...), TrainingData(tensor))`,
+  driven by the loop `saelab.train` runs (the data's global batches in saelab's one order,
+  `trainer.batch(index)` then `trainer.step(x)`), each timed on its own: `Trainer.step` is
+  `TopKSAE.loss` through `sparse_topk.TopKAutoencode` (one dense GEMM, the encoder's
+  forward; sparse decoder and hand-written sparse backward, no dense [batch, n_latents]
+  codes; AuxK over the dead latents' columns only), fused Adam;
 - EleutherAI sparsify (`SparseCoder` and the step its `Trainer` takes), SAELens
   (`TopKTrainingSAE.training_forward_pass` and the step its `SAETrainer` takes, dense and
   with `use_sparse_activations`), dictionary_learning (`TopKTrainer.update`), and a dense
@@ -30,12 +32,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -50,7 +49,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cpu_share import CpuWatch
+from common import (
+    ChildFailed,
+    CpuWatch,
+    add_output_args,
+    environment,
+    finish,
+    gemm_times,
+    json_child,
+    load_average,
+    logger,
+    out_path,
+    render_table,
+    version,
+    write_json,
+)
 
 N_LATENTS = 16384
 D_MODEL = 640
@@ -64,7 +77,6 @@ ATOMS_PER_ROW = 32
 SEED = 0
 CONTENDED = 0.10  # share of the CPU taken by other processes above which a row is re-run
 ROOT = Path(__file__).resolve().parent
-DEFAULT_OUT = ROOT / "results" / "train.json"
 # SAELens 6 wants transformer-lens < 4 while .venv-bench's is 4.x (for extract.py); a 3.x copy
 # installed with `pip install --target` here is put on the SAELens subprocess's path only.
 SAELENS_EXTRA_PATH = ROOT.parent / ".venv-bench" / "peer-paths" / "transformer-lens-3"
@@ -79,16 +91,13 @@ ROWS: dict[str, str] = {  # worker name -> table label, in table order
 }
 PACKAGES = {"sparsify": "eai-sparsify", "sae_lens": "sae-lens", "sae_lens_sparse": "sae-lens",
             "dictionary_learning": "dictionary-learning"}
-
-
-def log(msg: str) -> None:
-    """Progress on stderr, so stdout holds only the table."""
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("train")
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes of one run: the full benchmark, or a --quick smoke run of the same shapes."""
+    """Sizes of one run: the full benchmark, or a --quick or --smoke run of the same shapes
+    (fewer steps; a smoke run one warm-up and one timed step a row, one batch of data)."""
 
     warmup: int  # untimed steps first (allocator, Adam state, lazy init)
     steps: int  # timed steps per library
@@ -98,10 +107,12 @@ class Plan:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
-        quick = args.quick
-        return cls(warmup=args.warmup if args.warmup is not None else (1 if quick else 3),
-                   steps=args.steps or (2 if quick else 12), pool=2 if quick else 4,
-                   gemm_reps=3 if quick else 8, dead=args.dead_fraction)
+        size = "smoke" if args.smoke else "quick" if args.quick else "full"
+        warmup, steps, pool, gemm_reps = {"full": (3, 12, 4, 8), "quick": (1, 2, 2, 3),
+                                          "smoke": (1, 1, 1, 1)}[size]
+        return cls(warmup=args.warmup if args.warmup is not None else warmup,
+                   steps=args.steps or steps, pool=pool, gemm_reps=gemm_reps,
+                   dead=args.dead_fraction)
 
     def auxk(self, quick: bool) -> Plan:
         """The AuxK section: half the latents dead at every step; fewer steps (slow rows)."""
@@ -169,7 +180,7 @@ def time_steps(step: Callable[[int, Tensor], Any], pool: Tensor, plan: Plan) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# saelab: the real step, through saelab.train
+# saelab: its public Trainer, driven by the loop saelab.train runs
 # ---------------------------------------------------------------------------------------------
 
 def saelab_config(steps: int, **overrides: Any) -> Any:
@@ -182,41 +193,39 @@ def saelab_config(steps: int, **overrides: Any) -> Any:
 
 
 def run_saelab(pool: Tensor, plan: Plan) -> dict[str, Any]:
-    """`saelab.train` on the pool as one tensor, with `_step` (and `_batch`) timed in place.
-
-    The loop, the data path and the step are saelab's own; only the timers are added. Step
-    time is `_step` alone, as for the peers; `_batch` (gathering, checking and scaling the
-    rows) is kept apart.
+    """saelab's public `Trainer` on the pool as one tensor, driven by the loop `saelab.train`
+    runs: each epoch's global batches in saelab's one order, `trainer.batch(index)` (gathering,
+    checking and scaling the rows), then `trainer.step(x)`. Step time is `trainer.step` alone,
+    as for the peers; the batch time is kept apart. The RSS before is taken before the
+    training data and the trainer are made, as it was before `saelab.train`.
     """
     import saelab
-    from saelab.training import trainer
+    from saelab.training import TrainingData
 
     dead_L = dead_latents(plan.dead)
-    real_step, real_batch = trainer._step, trainer._batch
-    watch, step_s, batch_s = CpuWatch(), [], []
     n_total = plan.warmup + plan.steps
-
-    def timed_batch(*a: Any, **kw: Any) -> Tensor:
-        t0 = time.perf_counter()
-        out = real_batch(*a, **kw)
-        batch_s.append(time.perf_counter() - t0)
-        return out
-
-    def timed_step(*a: Any, **kw: Any) -> dict[str, float]:
-        if dead_L is not None:  # a[0]: the training state, a[1]: the config
-            a[0].since_fired_L[dead_L] = a[1].dead_tokens
-        if len(step_s) == plan.warmup:
-            watch.start()
-        t0 = time.perf_counter()
-        out = real_step(*a, **kw)
-        step_s.append(time.perf_counter() - t0)
-        if len(step_s) == n_total:
-            watch.stop()
-        return out
-
-    trainer._step, trainer._batch = timed_step, timed_batch
+    config = saelab_config(n_total)
     rss_before = _rss_mb()
-    saelab.train(saelab_config(n_total), pool.reshape(-1, D_MODEL))
+    data = TrainingData(pool.reshape(-1, D_MODEL))
+    trainer = saelab.Trainer(config, data)
+    per_epoch = max(1, data.n // config.batch_size)
+    watch, step_s, batch_s = CpuWatch(), [], []
+    while trainer.steps_done < n_total:
+        epoch, offset = divmod(trainer.steps_done, per_epoch)
+        for index in data.global_batches(config.batch_size, config.seed, epoch, offset):
+            t0 = time.perf_counter()
+            x = trainer.batch(index)
+            batch_s.append(time.perf_counter() - t0)
+            if dead_L is not None:  # untimed: the latents held dead for AuxK
+                trainer.since_fired_L[dead_L] = config.dead_tokens
+            if len(step_s) == plan.warmup:
+                watch.start()
+            t0 = time.perf_counter()
+            trainer.step(x)
+            step_s.append(time.perf_counter() - t0)
+            if trainer.steps_done >= n_total:
+                break
+    watch.stop()
     return {"warmup_s": step_s[:plan.warmup], "step_s": step_s[plan.warmup:],
             "batch_s": batch_s[plan.warmup:], "others_cpu_share": watch.share,
             "rss_before_mb": rss_before}
@@ -373,14 +382,8 @@ def measure_gemm(reps: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(SEED)
     x = torch.randn(BATCH, D_MODEL, generator=g)
     W = torch.randn(D_MODEL, N_LATENTS, generator=g)
-    out = torch.empty(BATCH, N_LATENTS)
-    torch.mm(x, W, out=out)
-    times, watch = [], CpuWatch()
-    watch.start()
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(x, W, out=out)
-        times.append(time.perf_counter() - t0)
+    watch = CpuWatch()
+    times = gemm_times(x, W, reps)
     watch.stop()
     best = min(times)
     flops = 2 * BATCH * D_MODEL * N_LATENTS
@@ -389,30 +392,26 @@ def measure_gemm(reps: int) -> dict[str, Any]:
 
 
 def profile_step(pool: Tensor, plan: Plan, top: int = 25) -> dict[str, Any]:
-    """torch.profiler over up to 5 steps of saelab's `_step`, driven directly after
-    `plan.warmup` warm-up steps: ops by self CPU time, ms per step."""
+    """torch.profiler over up to 5 calls of saelab's `Trainer.step`, driven directly on the
+    pool's batches (normalised as `Trainer.batch` does) after `plan.warmup` warm-up steps:
+    ops by self CPU time, ms per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    from saelab.training.data import TrainingData
-    from saelab.training.distributed import World
-    from saelab.training.trainer import _fresh, _step
+    import saelab
+    from saelab.training import TrainingData
 
-    cfg = saelab_config(plan.warmup + min(plan.steps, 5))
     data = TrainingData(pool.reshape(-1, D_MODEL))
-    state = _fresh(cfg, data)
-    variance = data.variance * data.norm_scale**2
+    trainer = saelab.Trainer(saelab_config(plan.warmup + min(plan.steps, 5)), data)
     xs = [b * data.norm_scale for b in pool]
 
     def run(n: int) -> float:
         t0 = time.perf_counter()
         for _ in range(n):
-            _step(state, cfg, xs[state.step % len(xs)], variance, World(0, 1))
-            state.step += 1
+            trainer.step(xs[trainer.steps_done % len(xs)])
         return time.perf_counter() - t0
 
     run(plan.warmup)
     watch, steps = CpuWatch(), min(plan.steps, 5)
-    watch.start()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         wall = run(steps)
     watch.stop()
@@ -452,41 +451,18 @@ def run_worker(name: str, plan: Plan, args: argparse.Namespace) -> dict[str, Any
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name,
            "--steps", str(plan.steps), "--warmup", str(plan.warmup),
            "--dead-fraction", str(plan.dead)]
-    if args.quick:
-        cmd.append("--quick")
+    cmd += ["--smoke"] if args.smoke else ["--quick"] if args.quick else []
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "HF_HUB_OFFLINE": "1",
            "SPARSIFY_DISABLE_TRITON": "1"}
     if name.startswith("sae_lens") and SAELENS_EXTRA_PATH.is_dir():
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SAELENS_EXTRA_PATH),
                                                           env.get("PYTHONPATH")]))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
-                          timeout=args.timeout)
-    wall = time.perf_counter() - t0
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        return {"error": (err[-1] if err else f"exit status {proc.returncode}")[:300],
-                "wall_s": wall}
-    return {**json.loads(lines[-1]), "wall_s": wall}
-
-
-def _version(dist: str) -> str | None:
     try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def environment() -> dict[str, Any]:
-    """What the numbers depend on: CPU, threads, torch and the peers' versions, load."""
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
-                .splitlines() if ln.startswith("model name")), platform.processor())
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "python": platform.python_version(), "torch": torch.__version__, "cpu": cpu,
-            "cores": os.cpu_count(), "threads": THREADS, "loadavg_start": os.getloadavg(),
-            "versions": {d: _version(d) for d in ("saelab", "eai-sparsify", "sae-lens",
-                                                  "dictionary-learning", "transformer-lens")}}
+        result = json_child(cmd, env, args.timeout)
+    except (ChildFailed, subprocess.TimeoutExpired) as err:
+        result = {"error": str(err)[:300]}
+    return {**result, "wall_s": time.perf_counter() - t0}
 
 
 def summarise(rows: dict[str, dict[str, Any]], floor: dict[str, Any]) -> None:
@@ -508,7 +484,7 @@ def format_table(rows: dict[str, dict[str, Any]], floor: dict[str, Any],
     """The aligned table printed at the end (and kept in the JSON)."""
     head = ["library", "tok/s best", "tok/s median", "vs sparsify", "peak RSS MB",
             "RSS +MB", "of floor", "others CPU"]
-    lines = []
+    lines: list[list[str]] = []
     for name, r in rows.items():
         label = ROWS.get(name, name)
         if "error" in r:
@@ -526,22 +502,13 @@ def format_table(rows: dict[str, dict[str, Any]], floor: dict[str, Any],
                       "", "1.00", ""])
         lines.append(["floor: 3 dense GEMMs", f"{floor['three_gemm_tokens_per_s']:,.0f}", "",
                       "", "", "", "0.33", ""])
-    widths = [max(len(head[i]), *(len(ln[i]) for ln in lines if len(ln) == len(head)))
-              for i in range(len(head))]
-
-    def fmt(cells: list[str]) -> str:
-        if len(cells) != len(head):
-            return f"{cells[0]:<{widths[0]}}  {cells[1]}"
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+    return render_table(head, lines)
 
 
 def format_profile(prof: dict[str, Any], top: int = 15) -> str:
     """The profile's top ops by self CPU time."""
     others = prof.get("others_cpu_share")
-    out = [f"profile of saelab's _step: {prof['ms_per_step_profiled']:.0f} ms/step "
+    out = [f"profile of saelab's Trainer.step: {prof['ms_per_step_profiled']:.0f} ms/step "
            f"under the profiler (others took {others or 0:.0%} of the CPU); top ops by self "
            "CPU time (ms per step):"]
     for op in prof["ops"][:top]:
@@ -555,7 +522,7 @@ def run_section(plan: Plan, names: list[str], args: argparse.Namespace,
     """Each row in its own subprocess, one after the other (never two at once: 2 cores)."""
     rows: dict[str, dict[str, Any]] = {}
     for name in names:
-        if name in PACKAGES and _version(PACKAGES[name]) is None:
+        if name in PACKAGES and version(PACKAGES[name]) is None:
             rows[name] = {"error": f"{PACKAGES[name]} not installed"}
             continue
         log(f"{ROWS[name]}: {plan.warmup} warm-up + {plan.steps} timed steps"
@@ -593,7 +560,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, plan)))
         return
-    env = environment()
+    if args.smoke:
+        args.retries = 0  # a smoke run proves the script runs; it never waits for idle cores
+    out = out_path(args, "train")
+    env = environment(THREADS, ("eai-sparsify", "sae-lens", "dictionary-learning",
+                                "transformer-lens"))
     log(f"plan {plan}; load average {env['loadavg_start']}")
     log("GEMM floor")
     floor = run_measured("gemm", plan, args)
@@ -607,18 +578,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                           f"norm {D_MODEL}; {plan.pool} batches of {BATCH} reused in turn"},
         "floor": floor, "rows": run_section(plan, names, args, floor)}
     if not args.skip_auxk and not plan.dead:
-        aux_plan = plan.auxk(args.quick)
+        aux_plan = plan.auxk(args.quick or args.smoke)
         result["auxk_plan"] = dataclasses.asdict(aux_plan)
         result["auxk_rows"] = run_section(aux_plan, [n for n in names if n != "dense"], args,
                                           floor)
     if args.profile:
         log("profiling saelab's step")
         result["profile"] = run_measured("profile", plan, args)
-    env["loadavg_end"] = os.getloadavg()
+    finish(env)
     result["table"] = format_table(result["rows"], floor)
     print(f"TopK SAE training, n_latents {N_LATENTS}, d_model {D_MODEL}, k {K}, batch {BATCH}, "
-          f"Adam, {THREADS} threads; load average {env['loadavg_start'][0]:.2f} -> "
-          f"{env['loadavg_end'][0]:.2f}")
+          f"Adam, {THREADS} threads; {load_average(env)}")
     if "gflops" in floor:
         print(f"float32 GEMM [{BATCH},{D_MODEL}]x[{D_MODEL},{N_LATENTS}]: "
               f"{floor['best_s'] * 1e3:.0f} ms, {floor['gflops']:.0f} GFLOP/s")
@@ -633,16 +603,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "profile" in result:
         prof = result["profile"]
         print("\n" + (format_profile(prof) if "ops" in prof else f"profile: {prof}"))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    log(f"wrote {args.out}")
+    write_json(out, result)
+    log(f"wrote {out}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 warm-up + 2 timed steps per row")
+    add_output_args(parser, "train", quick="1 warm-up + 2 timed steps per row",
+                    smoke="1 warm-up + 1 timed step per row, one batch of data, no re-runs")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per row")
     parser.add_argument("--only", nargs="+", choices=list(ROWS), default=None,

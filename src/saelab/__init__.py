@@ -9,10 +9,13 @@
 Shape letters, the same in every module (a tensor named `x_BD` is [batch, d_model]):
     B rows of a batch (tokens)       D d_model, an activation's width   L latents
     K slots of a sparse code (k)     T positions of a window            V vocabulary
-    R a subset of a batch's rows     C slots a Cholesky factor holds     M candidates or
-    changed slots of a step          N blocks of latent columns          W columns of a block
-Toy models: I instances, F true features, H hidden dimensions; S sparsities, Q dropout rates,
-X repeats of a setting.
+    R a subset of a batch's rows     A a subset of the latents (those a dashboard shows)
+    C slots a Cholesky factor holds  N blocks of latent columns         W columns of a block
+    M candidates, changed slots of a step, or the m largest slots of a code
+Toy models: I instances, F true features, H hidden dimensions; S sparsities (or the densities
+1 - S), Y relative importances, Q dropout rates, X repeats of a setting. Synthetic features
+(toys.synthetic): P parents (the features without a parent: all of them without a hierarchy),
+E the (mutually exclusive) children of a parent, G groups of correlated features.
 """
 
 from saelab.activations import ActivationStore, cache_activations

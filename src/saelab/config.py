@@ -90,8 +90,8 @@ def _comma_separated(convert: Any, choices: tuple | None) -> Any:
     """A flag value `a,b,c` -> [a, b, c], each converted and checked against `choices`."""
     def parse(text: str) -> list[Any]:
         items = [convert(part.strip()) for part in text.split(",") if part.strip()]
-        bad = [item for item in items if choices is not None and item not in choices]
-        if bad:
+        bad = [] if choices is None else [item for item in items if item not in choices]
+        if bad and choices is not None:
             raise argparse.ArgumentTypeError(
                 f"invalid choice {bad[0]!r} (choose from {', '.join(map(str, choices))})")
         return items

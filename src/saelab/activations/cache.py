@@ -105,8 +105,9 @@ def cache_activations(out: str | Path, *, model: str = EMBEDDED_MODEL,
 def _check(settings: dict[str, Any]) -> None:
     for name in ("tokens", "context_size", "batch_size"):
         if settings[name] < 1:
-            raise SaelabError(f"{name} must be positive", expected="an integer >= 1",
-                              found=f"{name}={settings[name]}", fix=f"pass {name} >= 1")
+            flag = "--" + name.replace("_", "-")
+            raise SaelabError(f"{name} ({flag}) must be positive", expected="an integer >= 1",
+                              found=f"{name}={settings[name]}", fix=f"pass {flag} 1 or more")
     if settings["context_size"] < 2:
         raise SaelabError("context_size must hold BOS and at least one token",
                           expected=">= 2", found=str(settings["context_size"]),

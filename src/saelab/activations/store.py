@@ -258,7 +258,7 @@ class ActivationStore:
         """Token ids [n_windows, context_size] of every window (memory-mapped)."""
         if self._tokens is None:
             try:
-                tokens = np.load(self.path / TOKENS, mmap_mode="r")
+                tokens: np.ndarray = np.load(self.path / TOKENS, mmap_mode="r")
             except (OSError, ValueError) as err:  # missing, or shorter than its header says
                 raise SaelabError(f"{self.path / TOKENS} is missing or truncated",
                                   expected="int32 token ids [n_windows, context_size]",

@@ -58,7 +58,7 @@ def finalise(folder: Path, n_shards: int, tokens: np.ndarray, header: dict[str, 
     """Write the token ids and the manifest of a store whose shards are all done."""
     sidecars = [read_json(_sidecar(folder, i)) for i in range(n_shards)]
     n_rows = sum(s["rows"] for s in sidecars)
-    total = np.sum([s["sum"] for s in sidecars], axis=0, dtype=np.float64)  # [d_model]
+    total = np.array([s["sum"] for s in sidecars], dtype=np.float64).sum(axis=0)  # [d_model]
     mean = total / n_rows
     mean_sq = sum(s["sum_squared_norm"] for s in sidecars) / n_rows
     d_model = len(mean)

@@ -33,7 +33,8 @@ def token_windows(documents: Iterable[str], tokenizer: PreTrainedTokenizerBase, 
 def _windows(documents: Iterable[str], tokenizer: PreTrainedTokenizerBase, context_size: int,
              bos_token_id: int) -> Iterator[np.ndarray]:
     body = context_size - 1
-    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    eos = tokenizer.eos_token_id
+    sep = [eos] if isinstance(eos, int) else []
     buffer: list[int] = []
     docs = iter(documents)
     while chunk := list(itertools.islice(docs, _DOCS_PER_CALL)):

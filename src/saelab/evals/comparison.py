@@ -149,11 +149,11 @@ def corpus_windows(lm: LanguageModel, corpus: str, *, text_column: str = "text",
                    tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """(held-out windows, evaluated windows) [n, context_size] of `corpus` after skipping
     `skip_tokens`; each count is rounded up to whole windows of context_size - 1 tokens."""
+    docs = iter_documents(corpus, text_column=text_column)
+    stream = token_windows(docs, lm.tokenizer, context_size, lm.bos_token_id)  # checks the size
     per_window = context_size - 1
     n_skip, n_fit = -(-skip_tokens // per_window), -(-fit_tokens // per_window)
     n_eval = -(-tokens // per_window)
-    docs = iter_documents(corpus, text_column=text_column)
-    stream = token_windows(docs, lm.tokenizer, context_size, lm.bos_token_id)
     windows = list(itertools.islice(stream, n_skip, n_skip + n_fit + n_eval))
     if len(windows) < n_fit + 1:
         raise SaelabError(f"corpus {corpus} is too short for this evaluation",

@@ -88,9 +88,9 @@ def latent_dashboard(cfg: DashboardConfig) -> dict[str, Any]:
     code = _code(store, Coder(sae, cfg.method, k=cfg.k), n, cfg)
     counts_L = code.firing_counts(sae.n_latents)
     chosen = _choose(cfg, counts_L)
-    acts_NS = activations_of(code, chosen, sae.n_latents)
+    acts_BA = activations_of(code, chosen, sae.n_latents)
     lm = load_model(store.model)
-    latents = [_latent(int(i), acts_NS[:, j], store, lm, cfg) for j, i in enumerate(chosen)]
+    latents = [_latent(int(i), acts_BA[:, j], store, lm, cfg) for j, i in enumerate(chosen)]
     W_dec = sae.W_dec.detach()
     effects = logit_effects(W_dec[chosen.to(W_dec.device)].float().cpu(), lm, cfg.logit_tokens)
     for entry, effect in zip(latents, effects or [None] * len(latents), strict=True):
@@ -131,40 +131,40 @@ def _choose(cfg: DashboardConfig, counts_L: Tensor) -> Tensor:
     return firing[draw[:cfg.sample]].sort().values
 
 
-def activations_of(code: SparseCode, latents_S: Tensor, n_latents: int) -> Tensor:
-    """Dense activations [tokens, S] of a few latents, from a sparse code (no [tokens,
+def activations_of(code: SparseCode, latents_A: Tensor, n_latents: int) -> Tensor:
+    """Dense activations [tokens, A] of a few latents, from a sparse code (no [tokens,
     n_latents] matrix: each slot is looked up in a latent -> column table)."""
     column_L = torch.full((n_latents,), -1, dtype=torch.long)
-    column_L[latents_S] = torch.arange(len(latents_S))
-    column_NK = column_L[code.indices]
-    keep_NK = (column_NK >= 0) & (code.values != 0)
-    rows_NK = torch.arange(len(code))[:, None].expand_as(column_NK)
-    acts_NS = code.values.new_zeros(len(code), len(latents_S))
-    acts_NS.index_put_((rows_NK[keep_NK], column_NK[keep_NK]), code.values[keep_NK],
+    column_L[latents_A] = torch.arange(len(latents_A))
+    column_BK = column_L[code.indices]
+    keep_BK = (column_BK >= 0) & (code.values != 0)
+    rows_BK = torch.arange(len(code))[:, None].expand_as(column_BK)
+    acts_BA = code.values.new_zeros(len(code), len(latents_A))
+    acts_BA.index_put_((rows_BK[keep_BK], column_BK[keep_BK]), code.values[keep_BK],
                        accumulate=True)
-    return acts_NS
+    return acts_BA
 
 
-def _latent(latent: int, acts_N: Tensor, store: ActivationStore, lm: LanguageModel,
+def _latent(latent: int, acts_B: Tensor, store: ActivationStore, lm: LanguageModel,
             cfg: DashboardConfig) -> dict[str, Any]:
     """One latent's statistics and top contexts."""
-    fired_N = acts_N != 0
-    fired = acts_N[fired_N]
+    fired_B = acts_B != 0
+    fired = acts_B[fired_B]
     hi = float(fired.abs().max()) if len(fired) else 0.0
     counts, edges = (torch.histogram(fired.double(), bins=HISTOGRAM_BINS) if len(fired)
                      else (torch.zeros(0), torch.zeros(0)))
-    top = acts_N.abs().topk(min(cfg.contexts, len(acts_N)))
-    contexts = [_context(int(row), acts_N, store, lm, cfg.window)
+    top = acts_B.abs().topk(min(cfg.contexts, len(acts_B)))
+    contexts = [_context(int(row), acts_B, store, lm, cfg.window)
                 for value, row in zip(top.values, top.indices, strict=True) if value > 0]
-    return {"latent": latent, "frequency": float(fired_N.double().mean()),
-            "fires": int(fired_N.sum()),
+    return {"latent": latent, "frequency": float(fired_B.double().mean()),
+            "fires": int(fired_B.sum()),
             "mean_when_firing": float(fired.double().mean()) if len(fired) else 0.0,
             "max_abs": hi, "histogram": {"counts": counts.long().tolist(),
                                          "edges": edges.tolist()},
             "contexts": contexts}
 
 
-def _context(row: int, acts_N: Tensor, store: ActivationStore, lm: LanguageModel,
+def _context(row: int, acts_B: Tensor, store: ActivationStore, lm: LanguageModel,
              window: int) -> dict[str, Any]:
     """The tokens around row's token, each with the latent's activation where it was coded
     (None before the window's first stored position or past the coded rows)."""
@@ -175,30 +175,34 @@ def _context(row: int, acts_N: Tensor, store: ActivationStore, lm: LanguageModel
     tokens = []
     for p in positions:
         other = row + p - ctx.position
-        coded = p >= first_stored and 0 <= other < len(acts_N)
+        coded = p >= first_stored and 0 <= other < len(acts_B)
         tokens.append({"text": lm.tokenizer.decode([ctx.token_ids[p]]),
                        "id": int(ctx.token_ids[p]),
-                       "activation": float(acts_N[other]) if coded else None,
+                       "activation": float(acts_B[other]) if coded else None,
                        "top": p == ctx.position})
     return {"row": row, "window": ctx.window, "position": ctx.position,
-            "activation": float(acts_N[row]), "tokens": tokens}
+            "activation": float(acts_B[row]), "tokens": tokens}
 
 
-def logit_effects(directions_SD: Tensor, lm: LanguageModel, m: int
+def logit_effects(directions_AD: Tensor, lm: LanguageModel, m: int
                   ) -> list[dict[str, list[dict[str, Any]]]] | None:
     """Each direction's direct logit effect, W_U d: the m tokens it most promotes and the m
     it most suppresses. The direct path only: later layers and the final norm's
     per-dimension scale are left out, so this ranks tokens, it does not predict logits.
-    None when the unembedding's width is not the directions' (a site off the residual
-    stream)."""
-    W_U = lm.hf_model.get_output_embeddings().weight.detach().float().cpu()
-    if W_U.shape[1] != directions_SD.shape[1]:
-        log.warning("no logit effects: the unembedding reads width %d, the latents write %d",
-                    W_U.shape[1], directions_SD.shape[1])
+    None when the model has no unembedding, or its width is not the directions' (a site off
+    the residual stream)."""
+    head = lm.hf_model.get_output_embeddings()
+    if head is None:
+        log.warning("no logit effects: %s has no unembedding", lm.name)
         return None
-    effect_SV = directions_SD @ W_U.T
-    m = min(m, effect_SV.shape[1])
-    up, down = effect_SV.topk(m, dim=1), effect_SV.topk(m, dim=1, largest=False)
+    W_U = head.weight.detach().float().cpu()
+    if W_U.shape[1] != directions_AD.shape[1]:
+        log.warning("no logit effects: the unembedding reads width %d, the latents write %d",
+                    W_U.shape[1], directions_AD.shape[1])
+        return None
+    effect_AV = directions_AD @ W_U.T
+    m = min(m, effect_AV.shape[1])
+    up, down = effect_AV.topk(m, dim=1), effect_AV.topk(m, dim=1, largest=False)
 
     def listed(values: Tensor, ids: Tensor) -> list[dict[str, Any]]:
         return [{"text": lm.tokenizer.decode([int(i)]), "id": int(i), "effect": float(v)}
@@ -206,4 +210,4 @@ def logit_effects(directions_SD: Tensor, lm: LanguageModel, m: int
 
     return [{"promotes": listed(up.values[s], up.indices[s]),
              "suppresses": listed(down.values[s], down.indices[s])}
-            for s in range(len(effect_SV))]
+            for s in range(len(effect_AV))]

@@ -7,6 +7,7 @@ holds more than one batch of activations.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -17,6 +18,27 @@ from saelab.coding import SparseCode
 DENSE_DENSITY = 0.1  # a latent active on more than 10% of tokens is "dense" (as SAEBench)
 LOG10_DENSITY_BINS = np.linspace(-6.0, 0.0, 49)  # density histogram edges, log10 scale
 VALUE_SAMPLE = 200_000  # non-zero values kept per coder for the magnitude histogram
+
+
+class ReconstructionResult(TypedDict):
+    """`ReconstructionMetrics.result()`: means over the tokens seen."""
+
+    tokens: int
+    fvu: float
+    mse: float
+    cosine: float
+    l0: float
+    l0_histogram: dict[str, int]
+    """Tokens per L0 (the keys are the L0s, as strings for JSON)."""
+
+
+class UsageResult(TypedDict):
+    """`LatentUsage.result()`."""
+
+    dead: int
+    dead_fraction: float
+    dense: int
+    log10_density_histogram: list[int]
 
 
 def fvu(x_BD: Tensor, x_hat_BD: Tensor) -> float:
@@ -60,7 +82,7 @@ class ReconstructionMetrics:
         centred = self.sq_norm - float(self.sum_x @ self.sum_x) / self.tokens
         return self.sq_err / max(centred, 1e-300)
 
-    def result(self) -> dict[str, float | dict[str, int]]:
+    def result(self) -> ReconstructionResult:
         n = max(self.tokens, 1)
         l0_mean = sum(k * c for k, c in self.l0_counts.items()) / n
         return {"tokens": self.tokens, "fvu": self.fvu,
@@ -95,7 +117,7 @@ class LatentUsage:
         """Fraction of tokens each latent fired on [n_latents]."""
         return self.fires.double() / max(self.tokens, 1)
 
-    def result(self) -> dict[str, float | int | list[float]]:
+    def result(self) -> UsageResult:
         density = self.density()
         live = density[density > 0]
         hist, _ = np.histogram(np.log10(live.numpy()), bins=LOG10_DENSITY_BINS)

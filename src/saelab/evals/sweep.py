@@ -98,34 +98,34 @@ def run_sweep(lm: LanguageModel, sae: SAE, site: str, windows: np.ndarray,
         for start in range(0, len(windows), per_batch):
             ids = torch.from_numpy(windows[start:start + per_batch])
             clean = clean_pass(lm, site, ids)
-            x_ND = clean.activations.reshape(-1, clean.activations.shape[-1]).float()
+            x_BD = clean.activations.reshape(-1, clean.activations.shape[-1]).float()
             clean_sum += float(clean.loss.double().sum())
             zero_sum += float(spliced_loss(lm, site, clean,
                                            torch.zeros_like(clean.activations))[0].double().sum())
             scored += clean.loss.numel()
             codes = {}
             for t in tracks:
-                code = _score(t, lm, site, clean, x_ND, W_dec, b_dec, trace=start == 0)
+                code = _score(t, lm, site, clean, x_BD, W_dec, b_dec, trace=start == 0)
                 if start == 0:
                     t.geometry.append(_geometry(t, code[:geometry_tokens], code.trace, W_dec))
                 codes[t.spec] = code
-                bar.update(len(x_ND))
+                bar.update(len(x_BD))
             _overlap(matched, codes, sae.n_latents, pairs, kept)
     n_batches = -(-len(windows) // per_batch)
     return _results(tracks, matched, pairs / n_batches, kept / n_batches, clean_sum / scored,
                     zero_sum / scored, scored, matched_k)
 
 
-def _score(t: _Track, lm: LanguageModel, site: str, clean: CleanPass, x_ND: Tensor,
+def _score(t: _Track, lm: LanguageModel, site: str, clean: CleanPass, x_BD: Tensor,
            W_dec: Tensor, b_dec: Tensor, trace: bool) -> SparseCode:
     began = time.perf_counter()
-    code = t.coder(x_ND, return_trace=trace and t.spec.coder in PURSUIT_METHODS)
+    code = t.coder(x_BD, return_trace=trace and t.spec.coder in PURSUIT_METHODS)
     t.seconds += time.perf_counter() - began
-    x_hat_ND = code.decode(W_dec, b_dec)
-    t.recon.update(x_ND, x_hat_ND, code)
+    x_hat_BD = code.decode(W_dec, b_dec)
+    t.recon.update(x_BD, x_hat_BD, code)
     t.usage.update(code)
     t.negative += int((code.values < 0).sum())
-    loss, kl = spliced_loss(lm, site, clean, x_hat_ND.view_as(clean.activations))
+    loss, kl = spliced_loss(lm, site, clean, x_hat_BD.view_as(clean.activations))
     t.loss_sum += float(loss.double().sum())
     t.kl_sum += float(kl.double().sum())
     return code

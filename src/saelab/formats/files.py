@@ -25,7 +25,7 @@ def read_torch(path: Path) -> dict[str, Tensor]:
     except pickle.UnpicklingError as err:
         raise SaelabError(f"{path} needs arbitrary code to load; saelab will not run it",
                           expected="a plain state dict of tensors (torch.load weights_only=True)",
-                          found=str(err).strip().splitlines()[-1][:300],
+                          found=_unpickling_reason(err),
                           fix="if you trust the file, load it yourself with "
                           "torch.load(weights_only=False) and torch.save its state_dict()"
                           ) from err
@@ -35,6 +35,14 @@ def read_torch(path: Path) -> dict[str, Tensor]:
         raise SaelabError(f"{path} is not a state dict", expected="a dict of name -> tensor",
                           found=type(obj).__name__, fix="save the module's state_dict()")
     return obj
+
+
+def _unpickling_reason(err: pickle.UnpicklingError) -> str:
+    """torch's message names what the file needed ("Unsupported global: GLOBAL ...") on one
+    line among advice; that line, else the first."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    named = [line for line in lines if "Unsupported global" in line or "GLOBAL" in line]
+    return (named or lines or [type(err).__name__])[0][:300]
 
 
 def read_npz(path: Path) -> dict[str, Tensor]:

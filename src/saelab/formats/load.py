@@ -52,8 +52,8 @@ def locate(spec: str | Path) -> Located:
     fmt = layout(folder)
     if fmt is not None:
         return Located(fmt, folder, input_scale)
-    inside = [(f, sub) for sub in sorted(folder.iterdir()) if sub.is_dir()
-              and (f := layout(sub)) is not None]
+    inside: list[tuple[Format, Path]] = [(f, sub) for sub in sorted(folder.iterdir())
+                                         if sub.is_dir() and (f := layout(sub)) is not None]
     if len(inside) == 1:
         return Located(inside[0][0], inside[0][1], input_scale)
     names = [sub.name for _, sub in inside]

@@ -53,8 +53,9 @@ def lookup(release: str, sae_id: str) -> Release:
                           "sae-lens package) or a Gemma Scope release name",
                           found=release + (" (sae-lens is not installed)" if directory is None
                                            else " (not in SAELens's directory)"),
-                          fix="name the repository instead: hf://OWNER/REPO/PATH, or install "
-                          "sae-lens for its directory of releases")
+                          fix="name the repository instead: hf://OWNER/REPO/PATH" +
+                          (", or install sae-lens for its directory of releases"
+                           if directory is None else ""))
     return found
 
 

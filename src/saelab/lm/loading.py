@@ -19,11 +19,13 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
@@ -90,9 +92,15 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
 def _from_folder(folder: Path, name: str, device: str | torch.device, dtype: torch.dtype,
                  fingerprint_fn: Callable[[], str]) -> LanguageModel:
     with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+        model = _to(AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), device)
         tokenizer = _tokenizer(folder)
     return LanguageModel(model, tokenizer, name, fingerprint_fn=fingerprint_fn)
+
+
+def _to(model: PreTrainedModel, device: str | torch.device) -> PreTrainedModel:
+    """`model.to(device)`. transformers wraps `PreTrainedModel.to` in `functools.wraps`, which
+    typeshed types as a `_Wrapped` that does not bind `self`: checkers take `device` for it."""
+    return cast("Callable[[str | torch.device], PreTrainedModel]", model.to)(device)
 
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
@@ -110,7 +118,7 @@ def _tokenizer(folder: Path) -> PreTrainedTokenizerBase:
 
 def _from_hub(repo_id: str, device: str | torch.device, dtype: torch.dtype) -> LanguageModel:
     try:
-        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype).to(device)
+        model = _to(AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype), device)
         tokenizer = AutoTokenizer.from_pretrained(repo_id)
     except OSError as err:  # offline, unknown repo, gated repo: all surface as OSError
         from huggingface_hub import constants
@@ -207,13 +215,15 @@ def _convert_once(folder: Path, convert: Callable[[Path], None]) -> None:
         os.close(lock)
 
 
-def _untied_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _untied_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """Weights to save, a tied output matrix stored once under the input embedding's name:
     transformers then ties lm_head to it, instead of filling a missing embedding at random
     (a second of a 262k x 640 init) before tying."""
     state = model.state_dict()
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings()
-    if head is not None and head.weight.data_ptr() == embed.data_ptr():
+    head_weight = None if head is None else head.weight
+    if (isinstance(embed, torch.Tensor) and isinstance(head_weight, torch.Tensor)
+            and head_weight.data_ptr() == embed.data_ptr()):
         keep = next(n for n, p in model.named_parameters() if p is embed)
         state = {k: v for k, v in state.items() if v.data_ptr() != embed.data_ptr() or k == keep}
     return {k: v.contiguous() for k, v in state.items()}
@@ -238,7 +248,7 @@ def _write_converted(gguf: Path, fingerprint: str, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = model.config
     if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights written below are plain floats
+        delattr(config, "quantization_config")  # the weights written below are plain floats
     config.save_pretrained(out)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)

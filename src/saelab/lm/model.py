@@ -47,7 +47,7 @@ class LanguageModel:
         """The token every window starts with (EOS stands in for models without a BOS)."""
         tok = self.tokenizer
         bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        if bos is None:
+        if not isinstance(bos, int):  # None, or not one id
             raise ValueError(f"tokenizer of {self.name} has neither a BOS nor an EOS token")
         return int(bos)
 

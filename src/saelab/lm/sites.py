@@ -136,7 +136,7 @@ def _widths(config: PretrainedConfig) -> dict[str, int]:
     n_heads = int(getattr(c, "num_attention_heads", None) or c.n_head)
     head_dim = getattr(c, "head_dim", None) or d_model // n_heads
     d_mlp = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d_model
-    widths = dict.fromkeys(HOOKS, d_model)
+    widths: dict[str, int] = dict.fromkeys(HOOKS, d_model)
     widths["attn.hook_z"] = n_heads * int(head_dim)
     widths["mlp.hook_post"] = int(d_mlp)
     return widths

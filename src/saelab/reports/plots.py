@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 
 PLOTS = {  # file stem -> what it shows (the report's captions)
     "pareto_fvu": "Fraction of variance unexplained against L0 (lower left is better).",
@@ -68,7 +69,7 @@ def _title(stem: str, results: dict[str, Any]) -> str:
             "overlap": "Support overlap", "geometry": "Selection geometry"}[stem] + f"\n{where}"
 
 
-def _pareto(ax: plt.Axes, results: dict[str, Any], key: str, label: str) -> None:
+def _pareto(ax: Axes, results: dict[str, Any], key: str, label: str) -> None:
     for coder in dict.fromkeys(r["coder"] for r in results["rows"]):
         rows = sorted((r for r in results["rows"] if r["coder"] == coder), key=lambda r: r["l0"])
         l0 = [r["l0"] for r in rows]
@@ -85,7 +86,7 @@ def _pareto(ax: plt.Axes, results: dict[str, Any], key: str, label: str) -> None
     ax.legend(fontsize=8)
 
 
-def _histograms(ax: plt.Axes, edges: list[float], histograms: dict[str, list[int]],
+def _histograms(ax: Axes, edges: list[float], histograms: dict[str, list[int]],
                 xlabel: str, ylabel: str, density: bool = False) -> None:
     edges_arr = np.asarray(edges)
     for label, counts in histograms.items():
@@ -99,7 +100,7 @@ def _histograms(ax: plt.Axes, edges: list[float], histograms: dict[str, list[int
     ax.legend(fontsize=8)
 
 
-def _overlap(ax: plt.Axes, overlap: dict[str, Any]) -> None:
+def _overlap(ax: Axes, overlap: dict[str, Any]) -> None:
     labels, matrix = overlap["labels"], np.asarray(overlap["jaccard"])
     image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)

@@ -21,6 +21,7 @@ class BatchTopKSAE(SAE):
     architecture = "batchtopk"
     hyperparameter_names = ("k",)
     saelens_architecture = "jumprelu"  # at inference: one threshold, stored for every latent
+    threshold: Tensor  # a buffer []: the EMA of each step's smallest kept activation
 
     def __init__(self, d_model: int, n_latents: int, *, k: int, **kw: Any) -> None:
         super().__init__(d_model, n_latents, **kw)

@@ -15,7 +15,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import FunctionCtx
+from torch.autograd.function import BackwardCFunction
 
 
 def _by_latent(idx_BK: Tensor, n_latents: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -44,6 +44,16 @@ def _latent_t_mm(layout: tuple[Tensor, Tensor, Tensor], values_BK: Tensor, dense
     return torch.addmm(out, S, dense_BD, beta=0.0, out=out)  # MKL sparse mm; `S @ d` is slower
 
 
+class _Context(BackwardCFunction):
+    """The type of `TopKAutoencode`'s ctx (torch passes an instance of a BackwardCFunction
+    subclass it generates), with what forward leaves on it for backward."""
+
+    saved_tensors: tuple[Tensor, ...]  # torch's stub says tuple[Tensor], one tensor
+    graph: tuple[Tensor, Tensor]  # (out_BD, acts): the decode's graph for dL/dacts
+    subtract_b_dec: bool
+    n_latents: int
+
+
 class TopKAutoencode(torch.autograd.Function):
     """relu(top-k of pre = xc W_enc + b_enc), xc = x - b_dec (or x), over all latents or over
     `columns` only (AuxK's dead latents); returns (sum_j act_j W_dec[idx_j] without b_dec,
@@ -57,7 +67,7 @@ class TopKAutoencode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x_BD: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor,
+    def forward(ctx: _Context, x_BD: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor,
                 W_dec: Tensor, k: int, columns: Tensor | None, subtract_b_dec: bool
                 ) -> tuple[Tensor, Tensor, Tensor]:
         xc_BD = x_BD - b_dec if subtract_b_dec else x_BD
@@ -80,7 +90,7 @@ class TopKAutoencode(torch.autograd.Function):
         return out_BD.detach(), acts_BK, idx_BK
 
     @staticmethod
-    def backward(ctx: FunctionCtx, g_out_BD: Tensor, g_acts_BK: Tensor, _: Tensor | None
+    def backward(ctx: _Context, g_out_BD: Tensor, g_acts_BK: Tensor, _: Tensor | None
                  ) -> tuple[Tensor | None, ...]:
         if ctx.needs_input_grad[0]:
             raise NotImplementedError("TopKAutoencode gives no gradient for the activations")

@@ -104,9 +104,10 @@ def expected_loss(model: ToyModel, instances: Instances, n_samples: int = 1 << 1
     return (total_I / n_samples).float()
 
 
-def dropout_scale(rate_I: Tensor, shape: tuple[int, int, int], generator: torch.Generator,
+def dropout_scale(rate_I: Tensor, shape: tuple[int, ...], generator: torch.Generator,
                   device: torch.device | str) -> Tensor:
-    """Inverted-dropout multipliers [I, B, N]: 0 with probability rate, else 1 / (1 - rate)."""
+    """Inverted-dropout multipliers of `shape`, [I, B, F] or [I, B, H]: 0 with probability
+    rate, else 1 / (1 - rate)."""
     rate = rate_I.to(device)[:, None, None]
     keep = torch.rand(shape, generator=generator, device=device) >= rate
     return keep / (1 - rate)

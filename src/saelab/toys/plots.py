@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from saelab.io import atomic_write  # noqa: E402
@@ -53,7 +54,8 @@ def plot_weights(W_IFH: Tensor, b_IF: Tensor, m: ToyMeasures, labels: Sequence[s
                                 b_IF[i].detach().numpy()[:, None]], axis=1)
         top.imshow(board, cmap="RdBu", vmin=-1, vmax=1)
         top.set_title(f"{label}\n{int(m.n_represented[i])} represented", fontsize=8)
-        top.set_xticks([]), top.set_yticks([])
+        top.set_xticks([])
+        top.set_yticks([])
         sup_F = (m.superposition[i] / m.norm[i].pow(2).clamp(min=1e-12)).clamp(max=1)
         features = np.arange(len(m.norm[i]))
         bottom.barh(features, m.norm[i].numpy(), color=colour(sup_F.numpy()))
@@ -90,19 +92,20 @@ def plot_dimensionality(sparsity: Sequence[float], m: ToyMeasures, d_hidden: int
     return save_figure(fig, stem)
 
 
-def plot_phase_diagram(density: Sequence[float], importance: Sequence[float], phase_DR: Tensor,
+def plot_phase_diagram(density: Sequence[float], importance: Sequence[float], phase_SY: Tensor,
                        stem: Path) -> list[Path]:
     """The n=2, m=1 phase diagram: what the model does with the second feature, per feature
     density (x) and its importance relative to the first (y)."""
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
     d, r = np.asarray(density), np.asarray(importance)
-    ax.pcolormesh(_edges(d), _edges(r), phase_DR.numpy().T, cmap=ListedColormap(PHASE_COLOURS),
+    ax.pcolormesh(_edges(d), _edges(r), phase_SY.numpy().T, cmap=ListedColormap(PHASE_COLOURS),
                   vmin=-0.5, vmax=2.5, shading="flat")
-    ax.set_xscale("log"), ax.set_yscale("log")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("feature density 1 - S")
     ax.set_ylabel("relative importance of the second feature")
     ax.set_title("n = 2 features, m = 1 dimension", fontsize=9)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in PHASE_COLOURS]
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in PHASE_COLOURS]
     ax.legend(handles, PHASES, fontsize=8, loc="upper left", framealpha=0.9)
     return save_figure(fig, stem)
 

@@ -132,55 +132,55 @@ def firing_probability(spec: SyntheticSpec) -> Tensor:
     parent_F = parents(spec)
     roots = int((parent_F < 0).sum())
     mean_roots = spec.k / 2 if spec.hierarchy else spec.k  # an active parent brings a child
-    weight_R = (torch.ones(roots, dtype=torch.float64) if spec.frequency == "uniform"
+    weight_P = (torch.ones(roots, dtype=torch.float64) if spec.frequency == "uniform"
                 else 1 / torch.arange(1, roots + 1, dtype=torch.float64))
-    p_R = _capped_rates(weight_R, mean_roots)
-    p_F = torch.cat([p_R, p_R[parent_F[roots:]] / max(spec.hierarchy, 1)])
+    p_P = _capped_rates(weight_P, mean_roots)
+    p_F = torch.cat([p_P, p_P[parent_F[roots:]] / max(spec.hierarchy, 1)])
     return p_F.float()
 
 
-def _capped_rates(weight_R: Tensor, total: float) -> Tensor:
-    """Rates proportional to `weight_R`, summing to `total`, none above 1 (water filling)."""
-    p_R = weight_R * total / weight_R.sum()
-    for _ in range(len(weight_R)):
-        over = p_R >= 1
-        if not (p_R > 1 + 1e-12).any():
+def _capped_rates(weight_P: Tensor, total: float) -> Tensor:
+    """Rates proportional to `weight_P`, summing to `total`, none above 1 (water filling)."""
+    p_P = weight_P * total / weight_P.sum()
+    for _ in range(len(weight_P)):
+        over = p_P >= 1
+        if not (p_P > 1 + 1e-12).any():
             break
-        rest = weight_R.masked_fill(over, 0)
-        p_R = torch.where(over, 1.0, rest * (total - over.sum()) / rest.sum())
-    return p_R.clamp(max=1)
+        rest = weight_P.masked_fill(over, 0)
+        p_P = torch.where(over, 1.0, rest * (total - over.sum()) / rest.sum())
+    return p_P.clamp(max=1)
 
 
 def sample(spec: SyntheticSpec, directions_FD: Tensor, p_F: Tensor, n: int,
            gen: torch.Generator) -> tuple[Tensor, SparseCode]:
     """n activations [n, d_model] and their true codes (slots of value 0 are padding)."""
-    active_NF = _active(spec, p_F, n, gen)
-    code = SparseCode.from_dense(active_NF.float())
-    values_NK = _magnitudes(spec.magnitude, code.values.shape, gen) * code.values
-    code = SparseCode(code.indices, values_NK)
-    x_ND = code.decode(directions_FD)
+    active_BF = _active(spec, p_F, n, gen)
+    code = SparseCode.from_dense(active_BF.float())
+    values_BK = _magnitudes(spec.magnitude, code.values.shape, gen) * code.values
+    code = SparseCode(code.indices, values_BK)
+    x_BD = code.decode(directions_FD)
     if spec.noise:
-        x_ND += spec.noise * torch.randn(x_ND.shape, generator=gen)
-    return x_ND, code
+        x_BD += spec.noise * torch.randn(x_BD.shape, generator=gen)
+    return x_BD, code
 
 
 def _active(spec: SyntheticSpec, p_F: Tensor, n: int, gen: torch.Generator) -> Tensor:
     """Which features fire on each of n tokens [n, n_features] bool."""
     F = spec.n_features
     if spec.exact_k:
-        picks_NK = torch.multinomial(p_F.expand(n, F), round(spec.k), generator=gen)
-        return torch.zeros(n, F, dtype=torch.bool).scatter_(1, picks_NK, True)
+        picks_BK = torch.multinomial(p_F.expand(n, F), round(spec.k), generator=gen)
+        return torch.zeros(n, F, dtype=torch.bool).scatter_(1, picks_BK, True)
     if spec.correlation:
         groups = -(-F // spec.group_size)
-        shared_NG = torch.randn(n, groups, generator=gen)
-        z_NF = math.sqrt(spec.correlation) * shared_NG.repeat_interleave(spec.group_size, 1)[:, :F] \
+        shared_BG = torch.randn(n, groups, generator=gen)
+        z_BF = math.sqrt(spec.correlation) * shared_BG.repeat_interleave(spec.group_size, 1)[:, :F] \
             + math.sqrt(1 - spec.correlation) * torch.randn(n, F, generator=gen)
-        return z_NF > torch.special.ndtri(1 - p_F.double()).float()
+        return z_BF > torch.special.ndtri(1 - p_F.double()).float()
     if spec.hierarchy:
         P, h = F // (spec.hierarchy + 1), spec.hierarchy
-        parent_NP = torch.rand(n, P, generator=gen) < p_F[:P]
-        child_NPH = torch.nn.functional.one_hot(torch.randint(h, (n, P), generator=gen), h)
-        return torch.cat([parent_NP, (child_NPH.bool() & parent_NP[..., None]).reshape(n, -1)], 1)
+        parent_BP = torch.rand(n, P, generator=gen) < p_F[:P]
+        child_BPE = torch.nn.functional.one_hot(torch.randint(h, (n, P), generator=gen), h)
+        return torch.cat([parent_BP, (child_BPE.bool() & parent_BP[..., None]).reshape(n, -1)], 1)
     return torch.rand(n, F, generator=gen) < p_F
 
 

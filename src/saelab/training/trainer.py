@@ -70,7 +70,7 @@ class Trainer:
         index = index[self.world.slice(len(index))]
         x_BD = self.data.rows(index).to(self.device)
         if not torch.isfinite(x_BD).all():
-            bad = int(index[(~torch.isfinite(x_BD)).any(dim=1).nonzero()[0, 0].item()])
+            bad = int(index[int((~torch.isfinite(x_BD)).any(dim=1).nonzero()[0, 0])])
             raise SaelabError("the training data holds NaN or inf",
                               expected="finite activations",
                               found=f"a non-finite value in row {bad}",

@@ -42,13 +42,13 @@ def max_difference(a: SAE, b: SAE, n: int = 256, seed: int = 0) -> float:
     """Largest difference between two SAEs' codes or reconstructions, on inputs built from a's
     decoder (a few latents per row, sized to clear any threshold) so latents fire."""
     g = torch.Generator().manual_seed(seed)
-    idx_NK = torch.randint(0, a.n_latents, (n, 8), generator=g)
+    idx_BK = torch.randint(0, a.n_latents, (n, 8), generator=g)
     threshold = a.firing_threshold()
     size = 1.0 + 2 * float(threshold.detach().abs().max()) if threshold is not None else 1.0
-    values_NK = size * (1 + torch.rand(n, 8, generator=g))
-    x_ND = torch.einsum("nk,nkd->nd", values_NK, a.W_dec.detach().cpu()[idx_NK])
-    x_ND = (x_ND + a.b_dec.detach().cpu()).to(a.W_dec)
-    codes_a, codes_b = a.encode(x_ND), b.encode(x_ND.to(b.W_dec))
+    values_BK = size * (1 + torch.rand(n, 8, generator=g))
+    x_BD = torch.einsum("bk,bkd->bd", values_BK, a.W_dec.detach().cpu()[idx_BK])
+    x_BD = (x_BD + a.b_dec.detach().cpu()).to(a.W_dec)
+    codes_a, codes_b = a.encode(x_BD), b.encode(x_BD.to(b.W_dec))
     return max(float((codes_a - codes_b.to(codes_a)).abs().max()),
                float((a.decode(codes_a) - b.decode(codes_b).to(codes_a)).abs().max()))
 

@@ -166,22 +166,22 @@ def run_dropout(cfg: DropoutConfig) -> dict[str, Any]:
     """Sweep hidden dropout and sparsity; fit features-per-dimension against the rate."""
     _, m = _train_and_measure(cfg, cfg.instances(), cfg.d_hidden)
     shape = (len(cfg.sparsity), len(cfg.dropout), cfg.repeats)
-    per_dim_SQR = (m.n_represented.float() / cfg.d_hidden).reshape(shape).numpy()
-    frob_SQR = (1 / m.dimensions_per_feature).reshape(shape).numpy()  # ||W||_F^2 / m
-    per_dim_SQ = per_dim_SQR.mean(axis=2)
+    per_dim_SQX = (m.n_represented.float() / cfg.d_hidden).reshape(shape).numpy()
+    frob_SQX = (1 / m.dimensions_per_feature).reshape(shape).numpy()  # ||W||_F^2 / m
+    per_dim_SQ = per_dim_SQX.mean(axis=2)
     q = np.asarray(cfg.dropout)
-    fits = [_line_fit(np.repeat(q, cfg.repeats), per_dim_SQR[s].reshape(-1))
+    fits = [_line_fit(np.repeat(q, cfg.repeats), per_dim_SQX[s].reshape(-1))
             for s in range(len(cfg.sparsity))]
     plot_dropout(cfg.dropout, per_dim_SQ, cfg.sparsity, [(f["intercept"], f["slope"])
                                                           for f in fits], cfg.out / "dropout")
     results = {
         "sparsity": list(cfg.sparsity), "dropout": list(cfg.dropout),
         "features_per_dimension": per_dim_SQ.tolist(),
-        "features_per_dimension_std": per_dim_SQR.std(axis=2).tolist(),
-        "frobenius_per_dimension": frob_SQR.mean(axis=2).tolist(),
+        "features_per_dimension_std": per_dim_SQX.std(axis=2).tolist(),
+        "frobenius_per_dimension": frob_SQX.mean(axis=2).tolist(),
         "linear_fit": [{"sparsity": s, **f} for s, f in zip(cfg.sparsity, fits)],
-        "relative_fit": _pooled_fit(q, per_dim_SQR, baseline=0.0),
-        "excess_fit": _pooled_fit(q, per_dim_SQR, baseline=1.0),
+        "relative_fit": _pooled_fit(q, per_dim_SQX, baseline=0.0),
+        "excess_fit": _pooled_fit(q, per_dim_SQX, baseline=1.0),
     }
     write_json(cfg.out / "results.json", results)
     return results
@@ -190,21 +190,22 @@ def run_dropout(cfg: DropoutConfig) -> dict[str, Any]:
 def run_phase_diagram(cfg: PhaseDiagramConfig) -> dict[str, Any]:
     """n=2, m=1 over feature density x relative importance; keep each cell's best repeat."""
     density, importance = cfg.grid()
-    D, R, _ = torch.meshgrid(density, importance, torch.arange(cfg.repeats, dtype=torch.float32),
-                             indexing="ij")
-    n = D.numel()
-    instances = Instances(D.reshape(-1), torch.stack([torch.ones(n), R.reshape(-1)], dim=1),
+    density_SYX, importance_SYX, _ = torch.meshgrid(
+        density, importance, torch.arange(cfg.repeats, dtype=torch.float32), indexing="ij")
+    n = density_SYX.numel()
+    instances = Instances(density_SYX.reshape(-1),
+                          torch.stack([torch.ones(n), importance_SYX.reshape(-1)], dim=1),
                           torch.zeros(n), torch.zeros(n))
     model, m = _train_and_measure(cfg, instances, 1)
-    loss_DRX = expected_loss(model, instances).reshape(len(density), len(importance), -1)
-    best_DR = loss_DRX.argmin(dim=2)
-    pick = (torch.arange(len(density) * len(importance)) * cfg.repeats + best_DR.reshape(-1))
-    phase_DR = second_feature_phase(m.norm[pick]).reshape(len(density), len(importance))
-    plot_phase_diagram(density.tolist(), importance.tolist(), phase_DR, cfg.out / "phase_diagram")
-    W_DR2 = model.W_IFH.detach().cpu()[pick, :, 0].reshape(len(density), len(importance), 2)
+    loss_SYX = expected_loss(model, instances).reshape(len(density), len(importance), -1)
+    best_SY = loss_SYX.argmin(dim=2)
+    pick = (torch.arange(len(density) * len(importance)) * cfg.repeats + best_SY.reshape(-1))
+    phase_SY = second_feature_phase(m.norm[pick]).reshape(len(density), len(importance))
+    plot_phase_diagram(density.tolist(), importance.tolist(), phase_SY, cfg.out / "phase_diagram")
+    W_SY2 = model.W_IFH.detach().cpu()[pick, :, 0].reshape(len(density), len(importance), 2)
     results = {"density": density.tolist(), "relative_importance": importance.tolist(),
-               "phases": list(PHASES), "phase": phase_DR.tolist(), "W": W_DR2.tolist(),
-               "loss": loss_DRX.gather(2, best_DR[..., None]).squeeze(2).tolist()}
+               "phases": list(PHASES), "phase": phase_SY.tolist(), "W": W_SY2.tolist(),
+               "loss": loss_SYX.gather(2, best_SY[..., None]).squeeze(2).tolist()}
     write_json(cfg.out / "results.json", results)
     return results
 
@@ -235,16 +236,16 @@ def _line_fit(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
             "r2": float(1 - (residual**2).sum() / total) if total > 0 else 1.0}
 
 
-def _pooled_fit(q: np.ndarray, per_dim_SQR: np.ndarray, baseline: float) -> dict[str, float]:
+def _pooled_fit(q: np.ndarray, per_dim_SQX: np.ndarray, baseline: float) -> dict[str, float]:
     """One line through every sparsity at once: (features per dimension - baseline) as a
     fraction of its value at the first rate, against q. Baseline 0 gives the relative
     decline; baseline 1 the decline of the excess over one feature per dimension (the
     superposition proper). Sparsities not above the baseline at the first rate are left out."""
-    start_S11 = per_dim_SQR[:, :1].mean(axis=2, keepdims=True) - baseline
+    start_S11 = per_dim_SQX[:, :1].mean(axis=2, keepdims=True) - baseline
     keep = start_S11[:, 0, 0] > 0
-    relative_SQR = (per_dim_SQR[keep] - baseline) / start_S11[keep]
-    x = np.broadcast_to(q[None, :, None], relative_SQR.shape).reshape(-1)
-    return _line_fit(x, relative_SQR.reshape(-1))
+    relative_SQX = (per_dim_SQX[keep] - baseline) / start_S11[keep]
+    x = np.broadcast_to(q[None, :, None], relative_SQX.shape).reshape(-1)
+    return _line_fit(x, relative_SQX.reshape(-1))
 
 
 def tms_summary(results: dict[str, Any]) -> list[str]:

@@ -2,7 +2,7 @@
 true features, to see whether the SAE converges to them (a jump in recovery near the true
 number of features would say it does).
 
-Each width's SAE is trained into RUN/latents_W/ (so a killed sweep resumes), then scored:
+Each width's SAE is trained into RUN/latents_<width>/ (so a killed sweep resumes), then scored:
 direction recovery of its dictionary, and support precision/recall of its encoder and of
 gradient pursuit on its dictionary, on the store's first --eval-tokens rows.
 """
@@ -30,7 +30,7 @@ class WidthSweepConfig:
     activations: Path
     """Synthetic store from `saelab synth` (OUT or OUT/synthetic)."""
     out: Path
-    """Run folder: one SAE per width in latents_W/, results.json, recovery.png/.svg."""
+    """Run folder: one SAE per width in latents_<width>/, results.json, recovery.png/.svg."""
     widths: tuple[int, ...] | None = None
     """SAE widths (latents); default: the true feature count times 1/8, 1/4, ..., 4."""
     architecture: str = "topk"
