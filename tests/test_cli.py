@@ -81,7 +81,7 @@ def test_cache_cli_writes_a_store_and_a_summary(tiny_model_dir, tmp_path):
     (["cache", "--site", "blocks.1.hook_resid_pots"], "did you mean blocks.1.hook_resid_post"),
     (["cache", "--corpus", "no/such/file.txt", "--site", "blocks.1.hook_resid_post"],
      "unknown corpus"),
-    (["cache", "--tokens", "0"], "tokens must be positive"),
+    (["cache", "--tokens", "0"], "tokens (--tokens) must be positive"),
 ])
 def test_user_errors_are_one_message_and_exit_2(tiny_model_dir, tmp_path, args, message):
     out = saelab(*args, "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"))

@@ -1,7 +1,10 @@
-"""The coding engine against references: scikit-learn's OMP, scipy's NNLS, float64 brute-force
-pursuits written straight from the papers, and least squares in numpy."""
+"""The coding engine against references: saelab.coding.reference (the pursuits one row at a
+time, in float64), itself pinned to scikit-learn's OMP, scipy's NNLS and a numpy brute force;
+and least squares in numpy."""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pytest
@@ -12,9 +15,11 @@ from torch.testing import assert_close
 
 import saelab.coding as sc
 from saelab import SaelabError
-from saelab.coding import pursuit
+from saelab.coding import reference
 from saelab.coding.correlations import BlockedGram, Correlations
 from saelab.coding.linalg import IncrementalCholesky
+from saelab.coding.selection import CorrelationSelector, ScreenSelector, gram_pays, screen_error
+from saelab.coding.state import PursuitState
 from saelab.saes import TopKSAE
 
 PURSUITS = ["mp", "gp", "omp"]
@@ -69,6 +74,155 @@ def brute_force(x: np.ndarray, W: np.ndarray, k: int, method: str, nonnegative: 
             z = np.maximum(z + a * g, 0) if nonnegative else z + a * g
         r = x - z @ W
     return z
+
+
+# The engine against reference.py: each pursuit, signed and non-negative, in each of the
+# engine's ways to select (float64 or float32; correlations recomputed, kept current through
+# the Gram matrix, or screened in bfloat16; and the hand-overs between them).
+ENGINES = {  # name: (dtype, gram, bf16_screen)
+    "float64": (torch.float64, False, False),
+    "float64-gram": (torch.float64, True, False),
+    "float32": (torch.float32, False, False),
+    "float32-screen": (torch.float32, False, True),
+    "float32-gram": (torch.float32, True, False),
+    "float32-gram-screen": (torch.float32, True, True),
+}
+# name: (latents, d_model, k, tol, seed), 24 random rows each. "dense": 12 steps on 128 latents
+# in 32 dimensions (test_the_dense_case_takes_every_path says which paths it takes);
+# "stopping": 24 latents in 16 dimensions, tol 0.3, so rows stop early, and non-negative rows
+# also run out of positive correlations (test_the_stopping_case_stops_rows_every_way).
+CASES = {"dense": (128, 32, 12, None, 3), "stopping": (24, 16, 12, 0.3, 2)}
+
+
+def case_data(case: str):
+    n_latents, d_model, k, tol, seed = CASES[case]
+    return unit_dictionary(n_latents, d_model, seed), gaussian(24, d_model, 100 + seed), k, tol
+
+
+@functools.cache
+def reference_code(case: str, method: str, nonnegative: bool):
+    W, x, k, tol = case_data(case)
+    return reference.pursue(x, W, method, k, nonnegative, tol)
+
+
+def engine_code(case: str, method: str, nonnegative: bool, engine: str) -> sc.SparseCode:
+    W, x, k, tol = case_data(case)
+    dtype, gram, screen = ENGINES[engine]
+    return sc.Coder(W.to(dtype), method, k=k, tol=tol, nonnegative=nonnegative, gram=gram,
+                    dtype=dtype, bf16_screen=screen)(x.to(dtype))
+
+
+def assert_matches_reference(code: sc.SparseCode, ref: sc.SparseCode, gap_B: torch.Tensor,
+                             x: torch.Tensor, W: torch.Tensor, dtype: torch.dtype) -> None:
+    """Rows where every selection won by more than the engine's rounding (gap > 1e-4 ||x|| in
+    float32, 1e-10 in float64; at least 3 rows in 4) hold the same latents in the same slots
+    and the same values (to 5e-5, 1e-9). On the other rows, near-ties where the engine may
+    take the runner-up, the residual norms agree to 0.02 ||x||."""
+    margin, atol = (1e-4, 5e-5) if dtype == torch.float32 else (1e-10, 1e-9)
+    clear_B = gap_B > margin
+    assert clear_B.float().mean() >= 0.75
+    assert torch.equal(code.indices[clear_B], ref.indices[clear_B])
+    assert_close(code.values[clear_B].double(), ref.values[clear_B], atol=atol, rtol=0)
+    fit_B = (x - code.decode(W.to(code.values.dtype)).double()).norm(dim=1)
+    ref_fit_B = (x - ref.decode(W)).norm(dim=1)
+    assert ((fit_B - ref_fit_B).abs() <= 0.02 * x.norm(dim=1))[~clear_B].all()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("nonnegative", [False, True])
+@pytest.mark.parametrize("method", PURSUITS)
+@pytest.mark.parametrize("case", CASES)
+def test_engine_matches_the_reference(case, method, nonnegative, engine):
+    W, x, _, _ = case_data(case)
+    assert_matches_reference(engine_code(case, method, nonnegative, engine),
+                             *reference_code(case, method, nonnegative), x, W,
+                             ENGINES[engine][0])
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_the_comparison_tells_wrong_variants_apart(nonnegative, monkeypatch):
+    """The comparison above fails for gradient pursuit held to the reference of another pursuit
+    (omp, mp), of the other sign constraint, of gradient pursuit without its exact line
+    search (a unit step instead), or to its own reference with the weights 0.1% off (the
+    same selections), in float64 and in float32."""
+    W, x, k, _ = case_data("dense")
+    right, gap_B = reference_code("dense", "gp", nonnegative)
+    wrong = [reference_code("dense", "omp", nonnegative), reference_code("dense", "mp", nonnegative),
+             reference_code("dense", "gp", not nonnegative),
+             (sc.SparseCode(right.indices, right.values * 1.001), gap_B)]
+    monkeypatch.setattr(reference, "line_search", lambda u_D, r_D: 1.0)
+    wrong.append(reference.pursue(x, W, "gp", k, nonnegative))
+    for engine in ("float64", "float32"):
+        code = engine_code("dense", "gp", nonnegative, engine)
+        for ref, gap_B in wrong:
+            with pytest.raises(AssertionError):
+                assert_matches_reference(code, ref, gap_B, x, W, ENGINES[engine][0])
+
+
+def test_the_dense_case_takes_every_path(monkeypatch):
+    """In the dense case, gradient pursuit with the Gram matrix updates correlations through it
+    and then recomputes them (past 10 slots in 32 dimensions) or, when it may screen, hands
+    over to the screen (past 4 slots); without the Gram matrix it recomputes or screens from
+    the start. The first correlations are one recompute on every path that keeps them."""
+    calls: dict[str, int] = {}
+
+    def spy(cls, name):
+        inner = getattr(cls, name)
+
+        def counted(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return inner(*args, **kwargs)
+        monkeypatch.setattr(cls, name, counted)
+
+    spy(Correlations, "sub_gram_rows_")
+    spy(Correlations, "recompute_")
+    spy(ScreenSelector, "select")
+    _, d_model, k, _, _ = CASES["dense"]
+    expected = {"float32-gram": {"sub_gram_rows_": 10, "recompute_": 1 + k - 10},
+                "float32-gram-screen": {"sub_gram_rows_": 4, "recompute_": 1, "select": k - 5},
+                "float32": {"recompute_": k}, "float32-screen": {"select": k}}
+    for engine, counts in expected.items():
+        calls.clear()
+        engine_code("dense", "gp", False, engine)
+        assert calls == counts, engine
+    assert gram_pays(10, d_model, screens=False) and not gram_pays(11, d_model, screens=False)
+    assert gram_pays(4, d_model, screens=True) and not gram_pays(5, d_model, screens=True)
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_the_stopping_case_stops_rows_every_way(nonnegative):
+    """Gradient pursuit's reference rows in the stopping case end at tol, at k, and
+    (non-negative) above tol with no positive correlation left off the support."""
+    W, x, k, tol = case_data("stopping")
+    code, _ = reference_code("stopping", "gp", nonnegative)
+    r_BD = x - code.decode(W)
+    at_tol_B = r_BD.norm(dim=1) <= tol * x.norm(dim=1)
+    steps_B = torch.tensor([len(set(row)) for row in code.indices.tolist()])  # gp: one slot a step
+    assert at_tol_B.any() and (steps_B == k).any()
+    if nonnegative:
+        off_support_BL = (r_BD @ W.T).scatter(1, code.indices, -torch.inf)
+        assert ((off_support_BL.amax(dim=1) <= 0) & ~at_tol_B & (steps_B < k)).any()
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_the_reference_matches_independent_solvers(nonnegative):
+    """reference.py itself: omp against scikit-learn (signed) or scipy's NNLS on its support,
+    mp and gp against the numpy brute force above."""
+    W, x = unit_dictionary(128, 32), gaussian(24, 32)
+    omp, _ = reference.pursue(x, W, "omp", 10, nonnegative)
+    if nonnegative:
+        for row in range(len(x)):
+            assert len(set(omp.indices[row].tolist())) == 10  # no padding slots
+            z, _ = scipy_nnls(W[omp.indices[row]].T.numpy(), x[row].numpy())
+            np.testing.assert_allclose(omp.values[row].numpy(), z, atol=1e-10)
+    else:
+        ref = orthogonal_mp(W.T.numpy(), x.T.numpy(), n_nonzero_coefs=10).T
+        np.testing.assert_allclose(omp.to_dense(128).numpy(), ref, atol=1e-10, rtol=0)
+    for method in ("mp", "gp"):
+        code, _ = reference.pursue(x, W, method, 10, nonnegative)
+        brute = np.stack([brute_force(row, W.numpy(), 10, method, nonnegative)
+                          for row in x.numpy()])
+        np.testing.assert_allclose(code.to_dense(128).numpy(), brute, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -188,7 +342,7 @@ def test_bf16_screen_stays_within_its_error_bound():
     r = torch.cat([gaussian(64, 256), 2.9 * W[:64], 1e-3 * gaussian(8, 256, seed=4)])
     screen = r.float().bfloat16() @ W.float().bfloat16().T
     err = (screen.double() - r @ W.T).abs().amax(dim=1)
-    bound = pursuit.screen_error(256) * r.norm(dim=1)
+    bound = screen_error(256) * r.norm(dim=1)
     assert (err <= bound).all()
     assert (err > 0.1 * bound).any()  # the bound is not vacuous
 
@@ -205,16 +359,15 @@ def test_screened_selection_equals_float32_where_the_screen_cannot_tell(nonnegat
     W = torch.repeat_interleave(base, torch.tensor(sizes), dim=0) + 1e-2 * jitter
     W = W / W.norm(dim=1, keepdim=True)
     x = base[torch.arange(40) % 16] + 0.05 * gaussian(40, 64).float()
-    picks = []
-    for screen_LD in (W.bfloat16(), None):
-        state = pursuit._Support(x, W, None, 4, nonnegative, None, trace=False, cholesky=False,
-                                 screen_LD=screen_LD)
-        picks.append(state.select(exclude_support=False))
-        if screen_LD is not None:
-            more, recomputed = state.unsettled
-            assert more > recomputed > 0
-    assert torch.equal(picks[0][0], picks[1][0])
-    assert_close(picks[0][1], picks[1][1], atol=1e-6, rtol=0)
+    state = PursuitState(x, W, 4, nonnegative=nonnegative, tol=None, trace=False)
+    screen = ScreenSelector(W.bfloat16())
+    _, screened_B, screened_value_B = screen.select(state, exclude_support=False)
+    _, plain_B, plain_value_B = CorrelationSelector(state, None).select(state,
+                                                                        exclude_support=False)
+    more, recomputed = screen.unsettled
+    assert more > recomputed > 0
+    assert torch.equal(screened_B, plain_B)
+    assert_close(screened_value_B, plain_value_B, atol=1e-6, rtol=0)
     for method in PURSUITS:
         screened, plain = (sc.decompose(x, W, method, k=6, nonnegative=nonnegative, gram=False,
                                         bf16_screen=flag) for flag in (True, False))

@@ -1,4 +1,8 @@
-"""One entry point for every coder: `Coder(dictionary, method, ...)(x)` and `decompose`."""
+"""One entry point for every coder: `Coder(dictionary, method, ...)(x)` and `decompose`.
+
+To see what the pursuits (mp, gp, omp) compute, read reference.py first: the algorithms as
+their papers state them, one row at a time; pursuit.py is the batched engine held to it.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from saelab.coding import pursuit
 from saelab.coding.code import SparseCode
 from saelab.coding.correlations import BlockedGram
 from saelab.coding.dictionary import Dictionary, SAELike, as_dictionary
+from saelab.coding.selection import gram_pays
 from saelab.errors import SaelabError
 
 # The one list of coder names: every verb, sweep and report takes its names from here.
@@ -107,16 +112,18 @@ class Coder:
         if self.method == "encoder-refit":
             return enc.refit(d, x_BD, code, self.nonnegative)
         if self.method == "encoder-scaled":
+            assert self.scale is not None  # _check_options asks for one
             return self.scale.apply(code)
         return code
 
     def _pursue(self, d: Dictionary, x_BD: Tensor, trace: bool) -> SparseCode:
         k = self.k or min(d.d_model, d.n_latents)
-        state = pursuit._Support(x_BD, d.unit_LD, self._gram_matrix, k,
-                                 self.nonnegative, self.tol, trace, cholesky=self.method == "omp",
-                                 screen_LD=self._screen_LD)
+        p = pursuit.Pursuit.start(x_BD, d.unit_LD, k, gram=self._gram_matrix,
+                                  screen_LD=self._screen_LD, nonnegative=self.nonnegative,
+                                  tol=self.tol, trace=trace, cholesky=self.method == "omp")
         with torch.no_grad():
-            PURSUITS[self.method](state, k)
+            PURSUITS[self.method](p, k)
+        state = p.state
         norms_BK = d.norms_L[state.idx_BK]
         values_BK = torch.where(state.live_BK & (norms_BK > 0),
                                 state.val_BK / norms_BK.clamp(min=1e-30), 0.0)
@@ -145,8 +152,8 @@ class Coder:
         step's time until chunks hold thousands of rows (benchmarks/coding.py)."""
         k = self.k or d.d_model
         changed = 1 if self.method == "mp" else k  # slots whose weights a step changes
-        stays_on_gram = gram and pursuit.gram_pays(changed, d.d_model,
-                                                   screens=self._screen_LD is not None)
+        stays_on_gram = gram and gram_pays(changed, d.d_model,
+                                           screens=self._screen_LD is not None)
         floats = 2 * d.n_latents + (0 if stays_on_gram else k * d.d_model) + 6 * k * k
         return max(_CHUNK_BYTES // (d.unit_LD.element_size() * floats), 1)
 

@@ -21,7 +21,7 @@ BLOCK = 256  # latent columns per block
 
 
 class BlockedGram:
-    """G = D D' for unit rows D, as `blocks` [n_blocks, n_latents, width]: block j holds the
+    """G = D D' for unit rows D, as `blocks_NLW` [n_blocks, n_latents, width]: block j holds the
     columns of latents j*width .. (j+1)*width - 1 (the last block padded with zeros)."""
 
     def __init__(self, unit_LD: Tensor, width: int = BLOCK) -> None:
@@ -32,13 +32,13 @@ class BlockedGram:
         padded = (pad(unit_LD, (0, 0, 0, n_blocks * self.width - L)) if L % self.width
                   else unit_LD)
         self.unit_NWD = padded.view(n_blocks, self.width, D)  # unit rows, block by block
-        self.blocks = unit_LD.new_empty(n_blocks, L, self.width)
+        self.blocks_NLW = unit_LD.new_empty(n_blocks, L, self.width)
         for j in range(n_blocks):
-            torch.mm(unit_LD, self.unit_NWD[j].T, out=self.blocks[j])
+            torch.mm(unit_LD, self.unit_NWD[j].T, out=self.blocks_NLW[j])
 
     def entries(self, rows: Tensor, cols: Tensor) -> Tensor:
         """G[rows, cols] (broadcast like advanced indexing)."""
-        return self.blocks[cols // self.width, rows, cols % self.width]
+        return self.blocks_NLW[cols // self.width, rows, cols % self.width]
 
 
 class Correlations:
@@ -70,7 +70,7 @@ class Correlations:
 
     def sub_gram_rows_(self, idx_BM: Tensor, val_BM: Tensor, gram: BlockedGram) -> None:
         """c[b] -= sum_m val[b, m] G[idx[b, m], :], block by block (see the module docstring)."""
-        for j, block_LW in enumerate(gram.blocks):
+        for j, block_LW in enumerate(gram.blocks_NLW):
             self.c_NBW[j].sub_(embedding_bag(idx_BM, block_LW, per_sample_weights=val_BM,
                                              mode="sum"))
 

@@ -22,10 +22,15 @@ _UNIT_NORM_RTOL = 1e-3  # decoder rows within this of norm 1 count as unit norm
 class SAELike(Protocol):
     """What `decompose` needs of an SAE: its dictionary and its encoder."""
 
-    W_dec: Tensor  # [n_latents, d_model]
-    b_dec: Tensor  # [d_model]
+    @property
+    def W_dec(self) -> Tensor:  # [n_latents, d_model]
+        ...
 
-    def encode(self, x: Tensor) -> Tensor:  # [batch, d_model] -> [batch, n_latents]
+    @property
+    def b_dec(self) -> Tensor:  # [d_model]
+        ...
+
+    def encode(self, x_BD: Tensor, /) -> Tensor:  # [batch, d_model] -> [batch, n_latents]
         ...
 
 
