@@ -25,6 +25,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import argparse
 import ctypes
+import hashlib
 import importlib.metadata
 import importlib.util
 import mmap
@@ -52,6 +53,7 @@ from common import (
     others_cpu,
     out_path,
     render_table,
+    timed,
     write_json,
 )
 from saelab.activations.writer import finalise, write_shard
@@ -583,6 +585,30 @@ def batches_read(folder: Path, paths: Sequence[Path], shuffle: bool, cold: bool
     return {"gbps": total / seconds / 1e9, "resident_before": resident}
 
 
+def verify_read(folder: Path, paths: Sequence[Path], cold: bool) -> dict[str, Any]:
+    """GB/s of checking every shard's sha256 (`verify(force=True)`: what the first open of a
+    store made elsewhere costs), cold or warm."""
+    store = saelab.ActivationStore(folder, verify=False)
+    resident = _prepare(paths, cold)
+    start = time.perf_counter()
+    store.verify(force=True)
+    seconds = time.perf_counter() - start
+    return {"gbps": sum(p.stat().st_size for p in paths) / seconds / 1e9,
+            "resident_before": resident}
+
+
+def recorded_open_s(folder: Path, reps: int = 5) -> float:
+    """Seconds to open the store when every shard is recorded as verified (the median)."""
+    return statistics.median(timed(lambda: saelab.ActivationStore(folder), reps)[0])
+
+
+def sha256_floor_gbps(n_bytes: int = 256 << 20) -> float:
+    """GB/s of hashlib's sha256 on bytes already in memory: the floor of any verification."""
+    data = np.random.default_rng(0).bytes(n_bytes)
+    seconds = min(timed(lambda: hashlib.sha256(data).digest(), 3)[0])
+    return n_bytes / seconds / 1e9
+
+
 def measure_store(plan: Plan, scratch: Path | None) -> dict[str, Any]:
     """Section 3: write the synthetic store, then read it every way, cold before warm."""
     with tempfile.TemporaryDirectory(prefix="saelab-bench-store-", dir=scratch) as tmp:
@@ -603,8 +629,12 @@ def measure_store(plan: Plan, scratch: Path | None) -> dict[str, Any]:
             "seq_warm": lambda: sequential_read(paths, "warm"),
             "ordered_warm": lambda: batches_read(folder, paths, shuffle=False, cold=False),
             "shuffled_warm": lambda: batches_read(folder, paths, shuffle=True, cold=False),
+            "verify_cold": lambda: verify_read(folder, paths, cold=True),
+            "verify_warm": lambda: verify_read(folder, paths, cold=False),
         }
         res.update(repeat_reads(reads, plan.store_reps))
+        res["recorded_open_s"] = recorded_open_s(folder)
+        res["sha256_floor_gbps"] = sha256_floor_gbps()
     return res
 
 
@@ -738,6 +768,11 @@ def store_table(st: dict[str, Any]) -> str:
         row("page cache sequential (warm)", "seq_warm", None, "memory bandwidth, not disk"),
         row("batches(4096, shuffle=False) warm", "ordered_warm", "seq_warm", "saelab's copies"),
         row("batches(4096, shuffle=True) warm", "shuffled_warm", "seq_warm", "saelab's copies"),
+        row("verify(force=True) cold", "verify_cold", "seq_cold", "every shard's sha256"),
+        row("verify(force=True) warm", "verify_warm", "seq_warm",
+            f"sha256 floor {st['sha256_floor_gbps']:.2f} GB/s (hashlib, in memory)"),
+        ["open, every shard recorded", f"{st['recorded_open_s'] * 1e3:.1f} ms", "", "", "",
+         ".verified.json: no hashing"],
     ]
     title = (f"3. store read ({st['bytes'] / 1e9:.2f} GB {st['kind']}, "
              f"{st['shards']} shard{'s' if st['shards'] != 1 else ''}; GB/s of float32 rows, "

@@ -38,11 +38,11 @@ def test_dashboard_matches_brute_force(store_and_sae, method):
     root, store, sae = store_and_sae
     k = 8 if method == "gp" else None
     out = root / f"dash-{method}"
-    result = latent_dashboard(DashboardConfig(sae=str(root / "sae"), activations=root / "acts",
-                                           out=out, method=method, k=k, tokens=700,
-                                           sample=5, contexts=4, batch_size=256))
+    latent_dashboard(DashboardConfig(sae=str(root / "sae"), activations=root / "acts",
+                                     out=out, method=method, k=k, tokens=700,
+                                     sample=5, contexts=4, batch_size=256))
+    result = json.loads((out / "latents.json").read_text())  # the file a user opens
     dense = sl.decompose(store[:700], sae, method, k=k).to_dense(N_LATENTS)
-    assert result == json.loads((out / "latents.json").read_text())
     assert result["firing_latents"] == int((dense != 0).any(dim=0).sum())
     shown = [entry["latent"] for entry in result["latents"]]
     assert len(shown) == 5 and shown == sorted(shown)

@@ -28,7 +28,10 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("method", ["gp", "encoder"])
-def test_decompose_writes_the_codes_and_reports_fvu(store_and_sae, method):
+def test_decompose_cli_saves_the_api_codes_and_their_fvu(store_and_sae, method):
+    """Plumbing, not correctness: the command saves what `sl.decompose` computes (the codes
+    themselves are held to coding/reference.py in test_coding.py), and prints their FVU and
+    L0, recomputed here from the formula."""
     root, store, sae = store_and_sae
     out = root / f"{method}.safetensors"
     k = ["--k", "16"] if method == "gp" else []

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 import saelab as sl
 from conftest import tiny_hf_model
-from saelab.cli import main
+from saelab.cli import VERB_GROUPS, main
 from saelab.coding import Coder
 from saelab.errors import SaelabError
 from saelab.evals.sweep import plan
@@ -854,7 +854,8 @@ def test_each_site_is_reached_with_its_message(key, world, tmp_path, monkeypatch
         message = capsys.readouterr().err
         assert code == 2, f"saelab {' '.join(argv)} exited {code}:\n{message}"
         assert "Traceback" not in message
-        assert f"saelab {argv[0]}: error: " in message
+        verb = " ".join(argv[:2]) if argv[0] in VERB_GROUPS else argv[0]
+        assert f"saelab {verb}: error: " in message
     else:
         with pytest.raises(SaelabError) as err:
             case.call(ctx)

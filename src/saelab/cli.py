@@ -61,12 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    verb = VERBS[args.verb] if args.verb in VERBS else VERB_GROUPS[args.verb][1][args.subverb]
+    grouped = args.verb not in VERBS
+    verb = VERB_GROUPS[args.verb][1][args.subverb] if grouped else VERBS[args.verb]
+    name = f"{args.verb} {args.subverb}" if grouped else args.verb
     try:
         for line in verb.summary(verb.run(config_from_args(verb.config, args))):
             say(line)
     except SaelabError as err:
-        sys.stderr.write(f"saelab {args.verb}: error: {err}\n")
+        sys.stderr.write(f"saelab {name}: error: {err}\n")
         return 2
     _leave_process_group()  # not after an error: NCCL could wait on ranks still in a collective
     return 0

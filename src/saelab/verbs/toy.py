@@ -83,8 +83,9 @@ class TmsConfig(ToyTraining):
         if not all(0 <= r < 1 for r in rates) or self.importance_decay <= 0:
             raise SaelabError("sparsity and dropout rates must be in [0, 1), decay positive",
                               expected="0 <= S, q < 1 and --importance-decay > 0",
-                              found=f"sparsity {self.sparsity}, dropout {self.dropout}, input "
-                              f"dropout {self.input_dropout}, decay {self.importance_decay}",
+                              found=f"--sparsity {','.join(map(str, self.sparsity))} --dropout "
+                              f"{','.join(map(str, self.dropout))} --input-dropout "
+                              f"{self.input_dropout} --importance-decay {self.importance_decay}",
                               fix="pass rates such as 0.9")
 
     def instances(self) -> Instances:
@@ -107,7 +108,7 @@ class DropoutConfig(TmsConfig):
         super().__post_init__()
         if len(set(self.dropout)) < 2:
             raise SaelabError("a dropout sweep needs at least two rates",
-                              expected="--dropout 0,0.1,...", found=f"{self.dropout}",
+                              expected="--dropout 0,0.1,...", found="--dropout " + ",".join(map(str, self.dropout)),
                               fix="pass two or more rates")
 
 
