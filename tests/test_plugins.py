@@ -29,6 +29,7 @@ class CappedReLU(SAE):
     architecture = "test_capped_relu"
     hyperparameter_names = ("k",)
     needs_data_init = True
+    default_sparsity_coef = 0.25  # not the base class's 0.0: the config must ask this class
 
     def __init__(self, d_model: int, n_latents: int, *, k: int, **kw: Any) -> None:
         super().__init__(d_model, n_latents, **kw)
@@ -100,7 +101,8 @@ def test_the_config_asks_the_class_what_it_needs():
     with pytest.raises(sl.SaelabError, match="unknown SAE architecture 'no_such'") as err:
         config(architecture="no_such")
     assert CappedReLU.architecture in str(err.value) and "topk" in str(err.value)
-    assert config().sparsity() == CappedReLU.default_sparsity_coef == 0.0
+    assert config().sparsity() == 0.25
+    assert config(sparsity_coef=2.0).sparsity() == 2.0
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +115,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[SAE, Path, Tensor
 def test_a_plugin_trains_with_every_hook_called(trained):
     sae, out, x = trained
     assert isinstance(sae, CappedReLU) and sae.k == K
-    assert int(sae.steps_seen) == config().steps  # after_step once per optimiser step
+    assert int(sae.steps_seen) == 200  # after_step once per optimiser step: 200 * 256 / 256
     assert sae.data_rows_seen == 4000  # init_from_data saw a sample of the data
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(N_LATENTS), atol=1e-5)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

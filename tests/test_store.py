@@ -16,6 +16,7 @@ import torch
 from conftest import tiny_lm
 from saelab import ActivationStore, SaelabError, cache_activations
 from saelab.activations import batch_indices
+from saelab.activations.order import BLOCK_ROWS, WINDOW_ROWS
 from saelab.activations.store import VERIFIED, shard_name
 from saelab.training import TrainingData
 
@@ -53,7 +54,7 @@ def test_rows_equal_the_model_read_at_their_window_and_position(lm, stores):
             torch.testing.assert_close(store[row], expected[row])
 
 
-def test_manifest_statistics_match_a_float64_reference(stores):
+def test_manifest_statistics_match_a_float64_reference(stores, lm):
     _, by_site = stores
     store = by_site[SITES[0]]
     x = store[:].double()
@@ -64,7 +65,7 @@ def test_manifest_statistics_match_a_float64_reference(stores):
     assert norm["mean_centered_squared_norm"] == pytest.approx(
         ((x - x.mean(0)) ** 2).sum(1).mean().item(), rel=1e-6)
     assert norm["norm_scale"] == pytest.approx((store.d_model / sq) ** 0.5, rel=1e-9)
-    assert store.manifest["model_fingerprint"] == store.manifest["model_fingerprint"].lower()
+    assert store.manifest["model_fingerprint"] == lm.fingerprint()  # hashlib: test_loading
     store.verify(force=True)  # every shard hashed again: checksums as written
 
 
@@ -99,6 +100,25 @@ def test_the_order_does_not_depend_on_the_number_of_processes(stores, batch_size
     assert all(len(p) == len(whole) for p in parts)
     for b, batch in enumerate(whole):
         torch.testing.assert_close(torch.cat([p[b] for p in parts]), batch, rtol=0, atol=0)
+
+
+def test_the_order_keeps_blocks_together_inside_windows():
+    """What the order promises, checked from its output alone: a partition of the rows, in
+    which each window of WINDOW_ROWS positions holds whole blocks of BLOCK_ROWS contiguous
+    rows (reads stay mostly sequential), shuffled inside the window, seeded by (seed, epoch)."""
+    n, bs = 3 * WINDOW_ROWS + 5 * BLOCK_ROWS, 512  # whole blocks (a short one shifts windows)
+    order = np.concatenate(list(batch_indices(n, bs, seed=1, drop_last=False)))
+    assert np.array_equal(np.sort(order), np.arange(n))
+    for at in range(0, n, WINDOW_ROWS):
+        window = order[at:at + WINDOW_ROWS]
+        _, counts = np.unique(window // BLOCK_ROWS, return_counts=True)
+        assert (counts == BLOCK_ROWS).all()  # every block it touches, whole
+        assert (np.diff(window) != 1).mean() > 0.9  # and shuffled inside
+    assert len(set(np.unique(order[:WINDOW_ROWS] // BLOCK_ROWS)) - set(range(64))) > 0
+    again = np.concatenate(list(batch_indices(n, bs, seed=1, drop_last=False)))
+    other = np.concatenate(list(batch_indices(n, bs, seed=1, epoch=1, drop_last=False)))
+    assert np.array_equal(order, again) and not np.array_equal(order, other)
+    assert len(list(batch_indices(n, bs, seed=1))) == n // bs
 
 
 def test_training_reads_the_stores_own_order(stores):

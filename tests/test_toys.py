@@ -40,28 +40,29 @@ def _polygon(n: int) -> torch.Tensor:
     return torch.stack([angle.cos(), angle.sin()], dim=1)
 
 
-# (name, W [features, hidden], D_i of every feature, features represented)
+# (name, W [features, hidden], D_i of every feature, features represented, dimensions per
+# feature m / ||W||_F^2, superposition sum_j!=i (W_i_hat . W_j)^2 of every feature), by hand:
+# e.g. the pentagon's neighbours are 72 and 144 degrees away, 2 cos^2 72 + 2 cos^2 144 = 1.5
 GEOMETRIES = [
-    ("orthogonal basis", torch.eye(3), [1, 1, 1], 3),
-    ("antipodal pair", torch.tensor([[1.0], [-1.0]]), [0.5, 0.5], 2),
-    ("pentagon", _polygon(5), [0.4] * 5, 5),
-    ("square (two antipodal pairs)", _polygon(4), [0.5] * 4, 4),
-    ("one ignored feature", torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]), [1, 1, 0], 2),
-    ("half-norm feature", torch.tensor([[1.0, 0.0], [0.0, 0.4]]), [1, 1], 1),
+    ("orthogonal basis", torch.eye(3), [1, 1, 1], 3, 3 / 3, [0, 0, 0]),
+    ("antipodal pair", torch.tensor([[1.0], [-1.0]]), [0.5, 0.5], 2, 1 / 2, [1, 1]),
+    ("pentagon", _polygon(5), [0.4] * 5, 5, 2 / 5, [1.5] * 5),
+    ("square (two antipodal pairs)", _polygon(4), [0.5] * 4, 4, 2 / 4, [1] * 4),
+    ("one ignored feature", torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]), [1, 1, 0], 2,
+     2 / 2, [0, 0, 0]),
+    ("half-norm feature", torch.tensor([[1.0, 0.0], [0.0, 0.4]]), [1, 1], 1, 2 / 1.16, [0, 0]),
 ]
 
 
-@pytest.mark.parametrize(("name", "W", "dims", "represented"), GEOMETRIES,
-                         ids=[g[0] for g in GEOMETRIES])
-def test_measures_of_known_geometries(name, W, dims, represented):
+@pytest.mark.parametrize(("name", "W", "dims", "represented", "per_feature", "superposition"),
+                         GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
+def test_measures_of_known_geometries(name, W, dims, represented, per_feature, superposition):
     m = measure(W[None].float())
     torch.testing.assert_close(m.dimensionality[0], torch.tensor(dims, dtype=torch.float32))
     assert int(m.n_represented[0]) == represented
-    # m / ||W||_F^2 and the superposition sum, by hand
-    assert float(m.dimensions_per_feature[0]) == pytest.approx(W.shape[1] / float(W.pow(2).sum()))
-    unit = W / W.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    interference = ((unit @ W.T) ** 2).fill_diagonal_(0).sum(dim=1)
-    torch.testing.assert_close(m.superposition[0], interference.float())
+    assert float(m.dimensions_per_feature[0]) == pytest.approx(per_feature, rel=1e-6)
+    torch.testing.assert_close(m.superposition[0], torch.tensor(superposition, dtype=torch.float32),
+                               atol=1e-6, rtol=1e-6)
 
 
 def test_instances_do_not_interact():

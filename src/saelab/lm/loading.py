@@ -108,11 +108,14 @@ _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
 
 def _tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     """A folder saelab converted holds a plain tokenizer.json: read it straight into a fast
-    tokenizer (AutoTokenizer parses Gemma's 33 MB file twice in Python first, ~2 s more)."""
+    tokenizer (AutoTokenizer parses Gemma's 33 MB file twice in Python first, ~2 s more),
+    named after its folder as from_pretrained names it (libraries such as TransformerLens
+    reload a tokenizer by that name)."""
     if not (folder / "saelab.json").is_file() or not (folder / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                   name_or_path=str(folder),
                                    **{k: config[k] for k in _SPECIAL if config.get(k)})
 
 
