@@ -11,7 +11,7 @@ are left out by default, so a window contributes context_size - 1 rows). Shards 
 with `np.load(mmap_mode="r")`: the store is never read into RAM as a whole.
 
 Opening a store checks it: the manifest, every shard's shape, and every shard's sha256
-against the manifest. Hashing reads each shard once (about 1.2 s per GiB on 2 cores:
+against the manifest. Hashing reads each shard once (1.2-1.6 s per GiB on 2 cores:
 benchmarks/extract.py); the result is kept in `.verified.json` beside the shards, keyed by
 each file's size and modification time, so later opens hash only shards that changed on disk
 since (the writer records the shards it wrote, so a fresh store is not hashed again). A change that keeps a file's size and mtime
