@@ -125,27 +125,37 @@ def test_usage_counts_each_latent_once_per_token():
     assert usage.result()["dead"] == int((expected == 0).sum())
 
 
+def latent_set(code: SparseCode, r: int) -> set[int]:
+    """Row r's latents with a non-zero value, as a Python set."""
+    return {int(i) for i, v in zip(code.indices[r], code.values[r], strict=True) if v != 0}
+
+
+def set_jaccard(p: set[int], q: set[int]) -> float:
+    return len(p & q) / len(p | q) if p | q else 1.0
+
+
+def top_latents(code: SparseCode, r: int, m: int) -> list[int]:
+    """Row r's m latents of largest |value| (fewer if it has fewer non-zeros)."""
+    live = [(abs(float(v)), int(i)) for i, v in zip(code.indices[r], code.values[r],
+                                                    strict=True) if v != 0]
+    return [i for _, i in sorted(live, reverse=True)[:m]]
+
+
+def kept_share(top: list[int], q: set[int]) -> float:
+    return sum(i in q for i in top) / max(len(top), 1)
+
+
 def test_supports_and_overlap_against_python_sets():
     a, b, n = random_code(1), random_code(2), 30
     sa, sb = a.support(n), b.support(n)
-
-    def latents(c: SparseCode, r: int) -> set[int]:
-        return {int(i) for i, v in zip(c.indices[r], c.values[r], strict=True) if v != 0}
-
     for r in range(len(a)):
-        assert set(sa[r].nonzero().squeeze(1).tolist()) == latents(a, r)
-    counts = [sum(j in latents(a, r) for r in range(len(a))) for j in range(n)]
+        assert set(sa[r].nonzero().squeeze(1).tolist()) == latent_set(a, r)
+    counts = [sum(j in latent_set(a, r) for r in range(len(a))) for j in range(n)]
     assert a.firing_counts(n, chunk=7).tolist() == counts  # chunks of rows: same sums
-    expected = [len(latents(a, r) & latents(b, r)) / len(latents(a, r) | latents(b, r))
-                if latents(a, r) | latents(b, r) else 1.0 for r in range(len(a))]
+    expected = [set_jaccard(latent_set(a, r), latent_set(b, r)) for r in range(len(a))]
     np.testing.assert_allclose(jaccard(sa, sb).numpy(), expected)
     for m in (1, 3):  # the m largest |values| of a, and how many of them b's support holds
-        kept = []
-        for r in range(len(a)):
-            live = [(abs(float(v)), int(i)) for i, v in zip(a.indices[r], a.values[r],
-                                                            strict=True) if v != 0]
-            top = [i for _, i in sorted(live, reverse=True)[:m]]
-            kept.append(sum(i in latents(b, r) for i in top) / max(len(top), 1))
+        kept = [kept_share(top_latents(a, r, m), latent_set(b, r)) for r in range(len(a))]
         np.testing.assert_allclose(top_kept(a, sb, m).numpy(), kept)
 
 
@@ -173,11 +183,10 @@ def test_sweep_against_float64_losses_and_python_set_overlaps(lm64):
     token's latents (the sweep averages two batches of 18 tokens: the same as over all 36)."""
     sae = TopKSAE(64, 96, k=4, dtype=torch.float64).init_random(seed=0)
     ids = windows(lm64, n=4, t=10, seed=5)
-    specs = [("encoder", None), ("gp", 4), ("omp", 4)]
-    out = run_sweep(lm64, sae, LAST, ids.numpy(), [CoderSpec(c, k) for c, k in specs],
-                    matched_k=4, batch_tokens=20)
+    specs = [CoderSpec("encoder"), CoderSpec("gp", 4), CoderSpec("omp", 4)]
+    out = run_sweep(lm64, sae, LAST, ids.numpy(), specs, matched_k=4, batch_tokens=20)
     x_BD = lm64.read(ids, [LAST])[LAST][:, 1:].reshape(-1, 64).float()
-    codes = [sl.decompose(x_BD, sae, coder, k=k) for coder, k in specs]
+    codes = [sl.decompose(x_BD, sae, spec.coder, k=spec.k) for spec in specs]
     clean_ce, zero_ce, _ = reference_losses(lm64, ids, torch.zeros(4, 9, 64, dtype=torch.float64))
     assert out["clean_loss"] == pytest.approx(clean_ce.mean(), rel=1e-9)
     assert out["zero_ablation_loss"] == pytest.approx(zero_ce.mean(), rel=1e-9)
@@ -189,26 +198,18 @@ def test_sweep_against_float64_losses_and_python_set_overlaps(lm64):
         assert row["loss_recovered"] == pytest.approx(recovered, rel=1e-5)
         assert row["tokens"] == 36 and row["l0"] <= 4
 
-    def latents(code: SparseCode, r: int) -> set[int]:
-        return {int(i) for i, v in zip(code.indices[r], code.values[r], strict=True) if v != 0}
-
-    sets = [[latents(code, r) for r in range(36)] for code in codes]
+    sets = [[latent_set(code, r) for r in range(36)] for code in codes]
     jac = np.array(out["overlap"]["jaccard"])
     for i, a in enumerate(sets):
         for j, b in enumerate(sets):
-            expected = np.mean([len(p & q) / len(p | q) if p | q else 1.0
-                                for p, q in zip(a, b, strict=True)])
+            expected = np.mean([set_jaccard(p, q) for p, q in zip(a, b, strict=True)])
             assert jac[i, j] == pytest.approx(expected, abs=1e-6)  # float32 ratios
     assert jac[0, 1] < 1  # the pursuits do not simply repeat the encoder here
-    enc = codes[0]
-    tops = [[int(i) for _, i in sorted(((abs(float(v)), i) for i, v in zip(
-        enc.indices[r], enc.values[r], strict=True) if v != 0), reverse=True)[:TOP_M]]
-        for r in range(36)]
-    for (coder, k), b in zip(specs, sets, strict=True):
-        label = coder if k is None else f"{coder} k={k}"
-        expected = np.mean([sum(i in q for i in top) / max(len(top), 1)
-                            for top, q in zip(tops, b, strict=True)])
-        assert out["overlap"]["encoder_top_kept"][label] == pytest.approx(expected, abs=1e-6)
+    tops = [top_latents(codes[0], r, TOP_M) for r in range(36)]
+    for spec, b in zip(specs, sets, strict=True):
+        expected = np.mean([kept_share(top, q) for top, q in zip(tops, b, strict=True)])
+        assert out["overlap"]["encoder_top_kept"][spec.label] == pytest.approx(expected,
+                                                                               abs=1e-6)
 
 
 @pytest.fixture(scope="module")
