@@ -70,7 +70,7 @@ from common import (
 )
 from saelab.coding import Coder, SparseCode
 from saelab.coding.correlations import BlockedGram, Correlations
-from saelab.coding.pursuit import GRAM_PENALTY, gram_pays
+from saelab.coding.selection import GRAM_PENALTY, gram_pays
 
 THREADS = 2
 SEED = 0
@@ -195,7 +195,7 @@ def measure_gram_update(problem: Problem, gemm_rate: float, ms: Sequence[int]
                         ) -> dict[str, Any]:
     """Rate of the Gram path's update, c -= dz G[S, :] with m slots a row, as pursuit.py runs
     it (blocked, correlations.py), and its penalty against the float32 GEMM rate per
-    multiply-add (pursuit.py assumes GRAM_PENALTY)."""
+    multiply-add (selection.py assumes GRAM_PENALTY)."""
     gram = BlockedGram(problem.W)
     c = Correlations.of(problem.x, problem.W, gram)
     B, n = len(problem.x), len(problem.W)
@@ -576,7 +576,7 @@ def header(plan: Plan, gemm: dict[str, Any], sparse: dict[str, Any], env: dict[s
         f"GEMM [{B},{d}]x[{d},{n}]: float32 {gemm['best_s'] * 1e3:.0f} ms, "
         f"{gemm['flops_per_s'] / 1e9:.0f} GFLOP/s; bfloat16 {gemm['bf16_best_s'] * 1e3:.0f} ms, "
         f"{gemm['bf16_flops_per_s'] / 1e9:.0f} GFLOP/s; blocked Gram update, slowdown per "
-        f"multiply-add vs the float32 GEMM: {pen} (pursuit.py assumes {GRAM_PENALTY})",
+        f"multiply-add vs the float32 GEMM: {pen} (selection.py assumes {GRAM_PENALTY})",
         "floors: recompute = one float32 GEMM per selection; screen = one bf16 GEMM per "
         "selection; Gram rows: n(d + sum_t m_t) multiply-adds per token at the float32 rate "
         "(m_t slots changed at step t), a bf16 GEMM per step past the switch; timings are "

@@ -16,7 +16,7 @@ The correlations c = r D' [B, L] are the expensive part: recomputing them is one
 slots changes c by (delta z) G[S, :], a sparse x dense product costing B*m*L instead of
 B*D*L, so while the support is small compared with d the Gram path is many times cheaper
 (Rubinstein, Zibulevsky & Elad 2008, "Batch-OMP"; correlations.py says how it is laid out
-to run from cache). Each step takes the cheaper of the two (`gram_pays`).
+to run from cache). Each step takes the cheaper of the two (selection.py's `gram_pays`).
 
 Once the support outgrows the Gram path, a float32 pursuit screens instead of recomputing:
 the correlations come from a bfloat16 GEMM (several times faster than float32 on CPUs with
@@ -35,12 +35,8 @@ from torch import Tensor
 
 from saelab.coding.correlations import BlockedGram
 from saelab.coding.linalg import IncrementalCholesky, nnls
-from saelab.coding.selection import GRAM_PENALTY, Selector, first_selector, gram_pays
+from saelab.coding.selection import Selector, first_selector
 from saelab.coding.state import PursuitState
-
-# the cost model lives in selection.py; benchmarks/coding.py reads it from here
-__all__ = ["GRAM_PENALTY", "Pursuit", "SupportFactor", "gradient_pursuit", "gram_pays",
-           "matching_pursuit", "orthogonal_matching_pursuit"]
 
 
 class SupportFactor:
