@@ -3,9 +3,11 @@
 On 2 CPU threads, with the demo's own settings (`--quick` for its CI settings), it times each
 stage of the demo separately: the cached model load, caching activations, training the TopK
 SAE, then on the evaluation tokens: the clean pass (with the site read on the way), a plain
-forward pass (no hooks), an identity splice, and every coder at the encoder's L0. The goal
-for delta loss: a spliced pass costs at most 10% more than the plain pass, and the clean pass
-is paid once per batch for all coders (so N coders cost N + 1 passes, not 2N).
+forward pass (no hooks), an identity splice, and every coder at the encoder's L0; and the peak
+memory of scoring 1024 tokens. The goals for delta loss: a spliced pass (CE + KL) costs at
+most 1.15x the plain pass, the clean pass at most 1.3x, and it is paid once per batch for all
+coders (so N coders cost N + 1 passes, not 2N); scoring 1024 tokens peaks at most 0.5 GB
+above the model.
 
 Floor: a forward pass of Gemma 3 270M costs about 2 x (parameters touched) FLOPs per token;
 the GEMM rate measured here says what that is in seconds on this machine.
@@ -28,6 +30,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import argparse
+import ctypes
 import dataclasses
 import statistics
 import tempfile
@@ -78,6 +81,28 @@ def gemm_rate() -> float:
     return 2 * a.shape[0] * a.shape[1] * b.shape[1] / statistics.median(gemm_times(a, b, 5))
 
 
+def _status_mb(field: str) -> float:
+    """A line of /proc/self/status (VmRSS, VmHWM), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def scoring_peak_mb(lm: Any, ids: torch.Tensor) -> float:
+    """Peak RSS above the resident model while one batch is scored (a clean pass, then one
+    spliced pass): Linux resets the high-water mark when "5" is written to clear_refs, and
+    malloc_trim first hands back the heap that earlier work freed, which would otherwise
+    absorb the batch's temporaries unseen."""
+    clean_pass(lm, SITE, ids[:1, :4])  # first-call allocations outside the measure
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = _status_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    clean = clean_pass(lm, SITE, ids)
+    spliced_loss(lm, SITE, clean, clean.activations)
+    return _status_mb("VmHWM") - before
+
+
 def run(s: Any, work: Path, load_repeats: int) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
 
@@ -93,6 +118,11 @@ def run(s: Any, work: Path, load_repeats: int) -> dict[str, Any]:
     watch = CpuWatch()
     seconds, lm = median_time(lambda: saelab.load_model("gemma-3-270m"), load_repeats)
     row("load (cached)", seconds, watch)
+    peak_ids = torch.randint(3, lm.hf_model.config.vocab_size, (8, 128),
+                             generator=torch.Generator().manual_seed(0))
+    peak_ids[:, 0] = lm.bos_token_id
+    peak_mb = scoring_peak_mb(lm, peak_ids)
+    print(f"  scoring 1024 tokens: peak RSS {peak_mb:,.0f} MB above the model", flush=True)
     watch = CpuWatch()
     seconds, stores = median_time(lambda: saelab.cache_activations(
         work / "activations", sites=(SITE,), tokens=s.cache_tokens,
@@ -145,6 +175,7 @@ def run(s: Any, work: Path, load_repeats: int) -> dict[str, Any]:
             watch, coded)
     n_rows = len(plan(cfg.coders, cfg.k, k))  # the comparison's rows (saelab.evals.plan)
     return {"rows": rows, "settings": dataclasses.asdict(s), "matched_k": k,
+            "scoring_peak_mb_1024_tokens": peak_mb,
             "compare_rows": n_rows, "passes_per_batch": n_rows + 2,
             "naive_passes_per_batch": 2 * n_rows + 1}
 
@@ -173,6 +204,8 @@ def main() -> None:
               f"{r['overhead']:+.1%}" if "overhead" in r else "",
               f"{r['others_cpu_share']:.0%}"] for r in result["rows"]]
     print(render_table(["stage", "seconds", "tokens/s", "vs plain", "others CPU"], lines))
+    print(f"scoring 1024 tokens (clean + spliced pass): peak RSS "
+          f"{result['scoring_peak_mb_1024_tokens']:,.0f} MB above the model")
     print(f"floor: a forward pass at the GEMM rate {floor_tok_s:,.0f} tokens/s; "
           f"compare runs {result['passes_per_batch']} passes per batch for "
           f"{result['compare_rows']} rows (clean once), not {result['naive_passes_per_batch']}")

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from scipy.special import log_softmax, rel_entr
+from scipy.special import log_softmax, logsumexp, rel_entr, softmax
 
 import saelab as sl
-from conftest import tiny_lm
+from conftest import FAMILIES, tiny_lm
 from saelab.cli import main
 from saelab.coding import SparseCode
 from saelab.evals import (
@@ -23,7 +23,9 @@ from saelab.evals import (
     top_kept,
 )
 from saelab.evals.sweep import TOP_M, CoderSpec, run_sweep
+from saelab.evals.vocab import head_scores
 from saelab.formats import write_sae
+from saelab.lm import Unembedding
 from saelab.reports import PLOTS
 from saelab.saes import TopKSAE
 
@@ -86,6 +88,56 @@ def test_identity_reconstruction_gives_zero_delta_loss(lm64):
     ce, kl = spliced_loss(lm64, LAST, clean, clean.activations)
     assert torch.equal(ce, clean.loss)
     assert kl.abs().max() < 1e-12
+
+
+def test_head_scores_in_slices_equal_full_logits_in_float64():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    unembed = Unembedding(torch.randn(50, 6, generator=g, dtype=torch.float64) * 2,
+                          torch.randn(50, generator=g, dtype=torch.float64))
+    targets = torch.randint(0, 50, (9,), generator=g)
+    scores = head_scores(h, unembed, targets, expected=True, slice_size=7)  # 8 uneven slices
+    logits = (h @ unembed.weight.T + unembed.bias).numpy()
+    np.testing.assert_allclose(scores.lse.numpy(), logsumexp(logits, axis=-1), rtol=1e-12)
+    np.testing.assert_allclose(scores.target.numpy(), logits[np.arange(9), targets.numpy()],
+                               rtol=1e-12)
+    np.testing.assert_allclose(scores.expected.numpy(),
+                               softmax(logits, axis=-1) @ unembed.weight.numpy(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_head_is_affine_except_where_logits_are_soft_capped(family, tiny_tokenizer):
+    lm = tiny_lm(family, tiny_tokenizer)
+    capped = lm.hf_model.config.to_dict().get("final_logit_softcapping") is not None
+    assert (lm.unembedding() is None) == capped
+
+
+def test_a_soft_capped_head_scores_against_full_logits(tiny_tokenizer):
+    """Gemma 2 caps its logits (tanh), so the clean pass keeps the probabilities instead."""
+    lm = tiny_lm("gemma2", tiny_tokenizer)
+    lm.hf_model.double()
+    assert lm.unembedding() is None
+    ids = windows(lm)
+    clean = clean_pass(lm, LAST, ids)
+    g = torch.Generator().manual_seed(1)
+    replacement = clean.activations + 0.5 * torch.randn(clean.activations.shape, generator=g,
+                                                        dtype=torch.float64)
+    ce, kl = spliced_loss(lm, LAST, clean, replacement)
+
+    def put(x):
+        out = x.clone()
+        out[:, 1:] = replacement
+        return out
+
+    clean_lp = log_softmax(lm.logits(ids).numpy(), axis=-1)[:, 1:-1]
+    spliced_lp = log_softmax(lm.logits(ids, splice={LAST: put}).numpy(), axis=-1)[:, 1:-1]
+    targets = ids[:, 2:].numpy()[..., None]
+    np.testing.assert_allclose(ce.numpy(), -np.take_along_axis(spliced_lp, targets, -1)[..., 0],
+                               rtol=1e-6)
+    np.testing.assert_allclose(kl.numpy(), rel_entr(np.exp(clean_lp), np.exp(spliced_lp)).sum(-1),
+                               rtol=1e-6, atol=1e-12)
+    same, kl0 = spliced_loss(lm, LAST, clean, clean.activations)
+    assert torch.equal(same, clean.loss) and kl0.abs().max() < 1e-12
 
 
 def test_fvu_and_l0_stream_equal_float64_formulas():

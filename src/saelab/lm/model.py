@@ -14,6 +14,15 @@ from saelab.lm.hooks import read_sites, spliced_logits
 from saelab.lm.sites import Site, list_sites, resolve_site
 
 
+@dataclass(frozen=True)
+class Unembedding:
+    """The LM head as a plain affine map, logits = h @ weight.T + bias, so that a caller can
+    apply it a slice of the vocabulary at a time instead of building [tokens, vocab]."""
+
+    weight: Tensor  # [vocab, d]
+    bias: Tensor | None  # [vocab]
+
+
 @dataclass
 class LanguageModel:
     """A causal LM ready to be read and spliced at TransformerLens-named sites.
@@ -29,6 +38,8 @@ class LanguageModel:
     fingerprint_fn: Callable[[], str] | None = field(default=None, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
     _sites: dict[str, Site] = field(default_factory=dict, repr=False)
+    _unembedding: Unembedding | None = field(default=None, repr=False)
+    _probed: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         self.hf_model.eval()
@@ -70,6 +81,36 @@ class LanguageModel:
         splices = {self.site(name): fn for name, fn in (splice or {}).items()}
         return spliced_logits(self.hf_model, input_ids.to(self.device), splices,
                               None if attention_mask is None else attention_mask.to(self.device))
+
+    def final_hidden(self, input_ids: Tensor,
+                     splice: Mapping[str, Callable[[Tensor], Tensor | None]] | None = None
+                     ) -> Tensor:
+        """The LM head's input [batch, pos, d] (after the final norm), with sites replaced as
+        in `logits`; `unembedding()` maps it to the logits."""
+        splices = {self.site(name): fn for name, fn in (splice or {}).items()}
+        return spliced_logits(self.hf_model, input_ids.to(self.device), splices,
+                              final_hidden=True)
+
+    def unembedding(self) -> Unembedding | None:
+        """The head as an affine map of `final_hidden`, or None where the model's logits are
+        something else (Gemma 2's soft-capping, a logit scale): checked once, on a probe of
+        two tokens, against the model's own logits."""
+        if not self._probed:
+            self._unembedding, self._probed = self._probe_unembedding(), True
+        return self._unembedding
+
+    def _probe_unembedding(self) -> Unembedding | None:
+        head = self.hf_model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear):
+            return None
+        probe = torch.tensor([[self.bos_token_id, self.bos_token_id]], device=self.device)
+        unembed = Unembedding(head.weight.detach(),
+                              None if head.bias is None else head.bias.detach())
+        with torch.inference_mode():
+            expected = self.logits(probe)
+            got = torch.nn.functional.linear(self.final_hidden(probe), unembed.weight,
+                                             unembed.bias)
+        return unembed if torch.allclose(got, expected, rtol=1e-5, atol=1e-5) else None
 
     def fingerprint(self) -> str:
         """sha256 of the weights' source files (or tensors), computed once on first use."""
