@@ -89,8 +89,20 @@ ROWS: dict[str, str] = {  # worker name -> table label, in table order
     "dictionary_learning": "dictionary_learning",
     "dense": "dense torch reference",
 }
-PACKAGES = {"sparsify": "eai-sparsify", "sae_lens": "sae-lens", "sae_lens_sparse": "sae-lens",
-            "dictionary_learning": "dictionary-learning"}
+# The other architectures: one section each, saelab first, then each peer that trains it.
+ARCH_ROWS: dict[str, dict[str, str]] = {
+    "batchtopk": {"saelab-batchtopk": "saelab", "sae_lens-batchtopk": "SAELens",
+                  "dictionary_learning-batchtopk": "dictionary_learning"},
+    "jumprelu": {"saelab-jumprelu": "saelab", "sae_lens-jumprelu": "SAELens",
+                 "dictionary_learning-jumprelu": "dictionary_learning"},
+    "relu": {"saelab-relu": "saelab", "sae_lens-standard": "SAELens (standard)"},
+}
+for _rows in ARCH_ROWS.values():
+    ROWS.update(_rows)
+PACKAGES = {name: package for name in ROWS
+            for prefix, package in (("sparsify", "eai-sparsify"), ("sae_lens", "sae-lens"),
+                                    ("dictionary_learning", "dictionary-learning"))
+            if name.startswith(prefix)}
 log = logger("train")
 
 
@@ -192,7 +204,16 @@ def saelab_config(steps: int, **overrides: Any) -> Any:
     return saelab.TrainConfig(**fields)
 
 
-def run_saelab(pool: Tensor, plan: Plan) -> dict[str, Any]:
+def relu_at_l0(sae: Any, x_BD: Tensor, l0: int) -> None:
+    """Shift a ReLU SAE's encoder biases so that each latent fires on l0 / n_latents of
+    `x_BD`: a fresh ReLU SAE fires on half the latents, a trained one on about l0; the
+    benchmark times the trained regime (the dense one is the fallback's, see sparse.py)."""
+    with torch.no_grad():
+        pre_BL = sae.pre_acts(x_BD)
+        sae.b_enc.sub_(pre_BL.quantile(1 - l0 / sae.n_latents, dim=0))
+
+
+def run_saelab(pool: Tensor, plan: Plan, architecture: str = "topk") -> dict[str, Any]:
     """saelab's public `Trainer` on the pool as one tensor, driven by the loop `saelab.train`
     runs: each epoch's global batches in saelab's one order, `trainer.batch(index)` (gathering,
     checking and scaling the rows), then `trainer.step(x)`. Step time is `trainer.step` alone,
@@ -204,10 +225,12 @@ def run_saelab(pool: Tensor, plan: Plan) -> dict[str, Any]:
 
     dead_L = dead_latents(plan.dead)
     n_total = plan.warmup + plan.steps
-    config = saelab_config(n_total)
+    config = saelab_config(n_total, architecture=architecture)
     rss_before = _rss_mb()
     data = TrainingData(pool.reshape(-1, D_MODEL))
     trainer = saelab.Trainer(config, data)
+    if architecture == "relu":
+        relu_at_l0(trainer.sae, pool[0, :1024] * data.norm_scale, K)
     per_epoch = max(1, data.n // config.batch_size)
     watch, step_s, batch_s = CpuWatch(), [], []
     while trainer.steps_done < n_total:
@@ -226,9 +249,11 @@ def run_saelab(pool: Tensor, plan: Plan) -> dict[str, Any]:
             if trainer.steps_done >= n_total:
                 break
     watch.stop()
+    with torch.no_grad():  # the code's L0 at the end
+        l0 = float(trainer.sae.loss(x, sparsity_coef=0.0).l0)
     return {"warmup_s": step_s[:plan.warmup], "step_s": step_s[plan.warmup:],
             "batch_s": batch_s[plan.warmup:], "others_cpu_share": watch.share,
-            "rss_before_mb": rss_before}
+            "rss_before_mb": rss_before, "l0_end": l0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,6 +450,40 @@ def profile_step(pool: Tensor, plan: Plan, top: int = 25) -> dict[str, Any]:
             "others_cpu_share": watch.share}
 
 
+def density_crossing(pool: Tensor, densities: Sequence[float] = (0.002, 0.005, 0.01, 0.02,
+                                                                   0.05, 0.1, 0.2),
+                     reps: int = 3) -> dict[str, Any]:
+    """Where the sparse path stops paying: a ReLU+L1 SAE's loss and backward (no optimiser)
+    at codes of each density, through the sparse path and through the dense fallback
+    (`sparse.SPARSE_DENSITY` set to 1 and to 0), best of `reps`. Sets SPARSE_DENSITY."""
+    import saelab
+    from saelab.saes import sparse
+
+    sae = saelab.saes.ReluSAE(D_MODEL, N_LATENTS).init_random(SEED)
+    x = pool[0]
+    base = sae.b_enc.detach().clone()
+    rows = []
+    for density in densities:
+        with torch.no_grad():
+            sae.b_enc.copy_(base)
+            relu_at_l0(sae, x[:1024], max(1, round(density * N_LATENTS)))
+        row: dict[str, Any] = {"density": density}
+        for path, share in (("sparse", 1.0), ("dense", 0.0)):
+            sparse.SPARSE_DENSITY = share
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                out = sae.loss(x, sparsity_coef=1.0)
+                out.loss.backward()
+                sae.zero_grad()
+                times.append(time.perf_counter() - t0)
+            row[f"{path}_s"], row["l0"] = min(times), float(out.l0)
+        rows.append(row)
+        log(f"  density {density:.3f} (L0 {row['l0']:.0f}): sparse {row['sparse_s']:.2f} s, "
+            f"dense {row['dense_s']:.2f} s")
+    return {"rows": rows}
+
+
 # ---------------------------------------------------------------------------------------------
 # Worker (one subprocess per row) and driver
 # ---------------------------------------------------------------------------------------------
@@ -437,8 +496,10 @@ def worker(name: str, plan: Plan) -> dict[str, Any]:
     pool = make_pool(plan.pool)
     if name == "profile":
         return profile_step(pool, plan)
-    if name == "saelab":
-        result = run_saelab(pool, plan)
+    if name == "crossing":
+        return density_crossing(pool)
+    if name == "saelab" or name.startswith("saelab-"):
+        result = run_saelab(pool, plan, name.partition("-")[2] or "topk")
     else:
         step, notes = peer_step(name, plan)
         rss_before = _rss_mb()
@@ -505,6 +566,35 @@ def format_table(rows: dict[str, dict[str, Any]], floor: dict[str, Any],
     return render_table(head, lines)
 
 
+def format_arch_table(architecture: str, rows: dict[str, dict[str, Any]],
+                      topk: dict[str, Any] | None) -> str:
+    """An architecture's section: each row against saelab's TopK (the main table's) and
+    against the fastest peer of the section."""
+    peers = [r["tokens_per_s_best"] for n, r in rows.items()
+             if not n.startswith("saelab") and "tokens_per_s_best" in r]
+    best_peer = max(peers, default=None)
+    topk_tps = (topk or {}).get("tokens_per_s_best")
+    head = ["library", "tok/s best", "tok/s median", "vs saelab TopK", "vs best peer", "L0 end",
+            "peak RSS MB", "RSS +MB", "of floor", "others CPU"]
+    lines: list[list[str]] = []
+    for name, r in rows.items():
+        label = ARCH_ROWS[architecture][name]
+        if "error" in r:
+            lines.append([label, f"n/a: {r['error']}"])
+            continue
+        r["vs_saelab_topk"] = r["tokens_per_s_best"] / topk_tps if topk_tps else None
+        r["vs_best_peer"] = r["tokens_per_s_best"] / best_peer if best_peer else None
+        others = r.get("others_cpu_share")
+        lines.append([label, f"{r['tokens_per_s_best']:,.0f}", f"{r['tokens_per_s_median']:,.0f}",
+                      f"{r['vs_saelab_topk']:.2f}x" if r["vs_saelab_topk"] else "-",
+                      f"{r['vs_best_peer']:.2f}x" if r["vs_best_peer"] else "-",
+                      f"{r['l0_end']:.1f}" if "l0_end" in r else "-",
+                      f"{r['peak_rss_mb']:,.0f}", f"{r['peak_rss_mb'] - r['rss_before_mb']:,.0f}",
+                      f"{r['of_floor']:.2f}" if "of_floor" in r else "-",
+                      f"{others:.0%}" if others is not None else "-"])
+    return render_table(head, lines)
+
+
 def format_profile(prof: dict[str, Any], top: int = 15) -> str:
     """The profile's top ops by self CPU time."""
     others = prof.get("others_cpu_share")
@@ -568,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     log(f"plan {plan}; load average {env['loadavg_start']}")
     log("GEMM floor")
     floor = run_measured("gemm", plan, args)
-    names = args.only or list(ROWS)
+    names = args.only or [n for n in ROWS if "-" not in n]  # the TopK table
     result: dict[str, Any] = {
         "environment": env, "plan": dataclasses.asdict(plan),
         "setup": {"n_latents": N_LATENTS, "d_model": D_MODEL, "k": K, "batch": BATCH, "lr": LR,
@@ -582,6 +672,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         result["auxk_plan"] = dataclasses.asdict(aux_plan)
         result["auxk_rows"] = run_section(aux_plan, [n for n in names if n != "dense"], args,
                                           floor)
+    for arch in args.architectures:
+        result.setdefault("architectures", {})[arch] = run_section(
+            plan, list(ARCH_ROWS[arch]), args, floor)
+    if args.crossing:
+        log("sparse against dense ReLU+L1 steps by code density")
+        result["crossing"] = run_measured("crossing", plan, args)
     if args.profile:
         log("profiling saelab's step")
         result["profile"] = run_measured("profile", plan, args)
@@ -600,6 +696,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"\nAuxK on: half the latents dead at every step, {aux_plan.steps} timed steps "
               f"after {aux_plan.warmup} warm-up:")
         print(result["auxk_table"])
+    for arch, rows in result.get("architectures", {}).items():
+        table = format_arch_table(arch, rows, result["rows"].get("saelab"))
+        result.setdefault("architecture_tables", {})[arch] = table
+        print(f"\n{arch}, {plan.steps} timed steps after {plan.warmup} warm-up, no dead "
+              "latents:")
+        print(table)
+    if "rows" in result.get("crossing", {}):
+        print("\nReLU+L1 loss + backward by code density (sparse path / dense fallback):")
+        print(render_table(["density", "L0", "sparse s", "dense s", "sparse / dense"],
+                           [[f"{r['density']:.3f}", f"{r['l0']:.0f}", f"{r['sparse_s']:.2f}",
+                             f"{r['dense_s']:.2f}", f"{r['sparse_s'] / r['dense_s']:.2f}"]
+                            for r in result["crossing"]["rows"]]))
     if "profile" in result:
         prof = result["profile"]
         print("\n" + (format_profile(prof) if "ops" in prof else f"profile: {prof}"))
@@ -613,8 +721,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     smoke="1 warm-up + 1 timed step per row, one batch of data, no re-runs")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per row")
-    parser.add_argument("--only", nargs="+", choices=list(ROWS), default=None,
-                        help="rows to run (default: all)")
+    parser.add_argument("--only", nargs="+", choices=[n for n in ROWS if "-" not in n],
+                        default=None, help="rows of the TopK table to run (default: all)")
+    parser.add_argument("--architectures", nargs="*", choices=list(ARCH_ROWS),
+                        default=list(ARCH_ROWS),
+                        help="sections for the other architectures, saelab and each peer that "
+                             "trains it (default: all; none with an empty list)")
+    parser.add_argument("--crossing", action="store_true",
+                        help="time ReLU+L1 steps by code density, sparse path against dense "
+                             "fallback (where sparse.SPARSE_DENSITY comes from)")
     parser.add_argument("--profile", action="store_true",
                         help="torch.profiler breakdown of saelab's step")
     parser.add_argument("--dead-fraction", type=float, default=0.0,

@@ -16,7 +16,7 @@ import torch
 from torch.testing import assert_close
 
 import saelab as sl
-from saelab.saes import BatchTopKSAE, JumpReluSAE, ReluSAE, TopKSAE
+from saelab.saes import BatchTopKSAE, JumpReluSAE, ReluSAE, TopKSAE, sparse
 from saelab.saes.jumprelu import BANDWIDTH
 
 D, L, B = 16, 48, 32
@@ -113,6 +113,73 @@ def test_topk_sparse_backward_equals_dense_autograd(subtract_b_dec):
         assert_close(sparse[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
     assert out.l0.item() == pytest.approx((z > 0).sum(1).double().mean().item())
     assert torch.equal(out.fired, (z > 0).any(0))
+
+
+def dense_reference(sae, x, architecture, coef):
+    """The architecture's loss as a dense float64 autograd graph, from its paper's formula
+    (top-k and batch top-k by scatter, JumpReLU's step as a constant), and its gradients."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    if architecture == "batchtopk":
+        flat = torch.relu(pre).flatten()
+        top, idx = flat.topk(5 * B)
+        z = torch.zeros_like(flat).scatter(0, idx, top).view_as(pre)
+    elif architecture == "jumprelu":
+        z = torch.relu(pre) * (torch.relu(pre) > sae.threshold).detach()
+    else:
+        z = torch.relu(pre)
+    x_hat = z @ sae.W_dec + sae.b_dec
+    loss = (x - x_hat).pow(2).sum(1).mean()
+    if architecture == "relu":
+        loss = loss + coef * (z * sae.W_dec.norm(dim=1)).sum(1).mean()
+    sae.zero_grad()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+    sae.zero_grad()
+    return loss, z, grads
+
+
+@pytest.mark.parametrize("density", [1.0, 0.0], ids=["sparse", "dense"])
+@pytest.mark.parametrize("architecture", ["relu", "batchtopk", "jumprelu"])
+def test_sparse_backward_equals_dense_autograd(architecture, density, monkeypatch):
+    """Every architecture's training gradients, sparse path (`density` 1: never too dense)
+    and dense fallback (0: always too dense), against dense float64 autograd; JumpReLU's
+    threshold against the paper's estimator, with thresholds on both sides of eps / 2
+    (where every zero pre-activation is in the window)."""
+    monkeypatch.setattr(sparse, "SPARSE_DENSITY", density)
+    cls = {"relu": ReluSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReluSAE}[architecture]
+    sae = random_sae(cls, **({"k": 5} if architecture == "batchtopk" else {}))
+    coef = 0.3
+    if architecture == "jumprelu":
+        with torch.no_grad():
+            sae.threshold.copy_(torch.linspace(0.01, 0.9, L, dtype=torch.float64))
+    x = data()
+    out = sae.train().loss(x, sparsity_coef=coef)
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    loss, z, expected = dense_reference(sae, x, architecture, coef)
+    if architecture == "jumprelu":
+        pre, theta = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc).detach(), sae.threshold
+        e = (x - (z @ sae.W_dec + sae.b_dec)).detach()
+        kernel = ((pre - theta).abs() / BANDWIDTH < 0.5) / BANDWIDTH
+        expected["threshold"] = ((-theta * kernel * (-2 / B * e @ sae.W_dec.T)).sum(0)
+                                 - coef / B * kernel.sum(0)).detach()
+        loss = loss + coef * (z > 0).sum(1).double().mean()
+        assert (kernel[:, theta < BANDWIDTH / 2] > 0).any()  # the low latents' zeros count
+        assert ((kernel > 0) & (z == 0)).any() and ((kernel > 0) & (z > 0)).any()
+    assert out.loss.item() == pytest.approx(loss.item(), rel=1e-12)
+    assert set(got) == set(expected)
+    for name in got:
+        assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=name)
+    assert out.l0.item() == pytest.approx((z > 0).sum(1).double().mean().item())
+    assert torch.equal(out.fired, (z > 0).any(0))
+
+
+def test_the_sparse_path_refuses_codes_too_dense_for_it():
+    pre = torch.zeros(100, 100)
+    pre[:, : int(100 * sparse.SPARSE_DENSITY)] = 1.0
+    assert sparse.above(pre, 0.0) is not None
+    pre[0, -1] = 1.0  # one entry over the share
+    assert sparse.above(pre, 0.0) is None
 
 
 def test_jumprelu_loss_and_its_straight_through_threshold_gradient():

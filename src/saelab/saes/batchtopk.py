@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from saelab.saes.base import SAE, LossOutput, register_architecture
-from saelab.saes.topk import AUXK_WEIGHT, auxk_loss
+from saelab.saes.sparse import autoencode, centred, pre_activations, top_k_of_batch
+from saelab.saes.topk import sparse_loss
 
 THRESHOLD_EMA = 0.99
 
@@ -34,32 +35,24 @@ class BatchTopKSAE(SAE):
     def activation(self, pre_BL: Tensor) -> Tensor:
         return pre_BL * (pre_BL > self.threshold) * (pre_BL > 0)
 
-    def batch_activation(self, pre_BL: Tensor) -> Tensor:
-        """Keep the k * batch largest positive pre-activations of the batch."""
-        flat = torch.relu(pre_BL).flatten()
-        top, idx = flat.topk(min(self.k * len(pre_BL), flat.numel()), sorted=False)
-        return torch.zeros_like(flat).scatter_(0, idx, top).view_as(pre_BL)
-
     def firing_threshold(self) -> Tensor:
         return self.threshold
 
     def loss(self, x_BD: Tensor, *, sparsity_coef: float = 0.0, dead_L: Tensor | None = None
              ) -> LossOutput:
-        pre_BL = self.pre_acts(x_BD)
-        codes_BL = self.batch_activation(pre_BL)
+        """Sparse throughout (see `sparse`), like TopK's."""
+        xc_BD = centred(self, x_BD)
+        code = top_k_of_batch(pre_activations(self, xc_BD), self.k * len(x_BD))
         if self.training:
             with torch.no_grad():
-                kept = codes_BL[codes_BL > 0]
+                kept = code.acts[code.acts > 0]
                 if kept.numel():
                     low = kept.min()
                     self.threshold.copy_(torch.where(self.threshold > 0, THRESHOLD_EMA *
                                                      self.threshold + (1 - THRESHOLD_EMA) * low,
                                                      low))
-        x_hat_BD = self.decode(codes_BL)
-        mse = (x_BD - x_hat_BD).pow(2).sum(dim=1).mean()
-        aux = auxk_loss(self, x_BD, x_BD - x_hat_BD, dead_L)
-        return LossOutput.from_codes(mse + AUXK_WEIGHT * aux, codes_BL, x_hat_BD,
-                                     {"mse": mse, "auxk": aux})
+        dec_BD, _, count_B = autoencode(self, xc_BD, code)
+        return sparse_loss(self, x_BD, xc_BD, dec_BD, code, count_B, dead_L)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.saes.base import SAE, LossOutput, register_architecture
+from saelab.saes.sparse import autoencode, centred, fired, jumprelu_entries
 
 BANDWIDTH = 0.1  # epsilon, on inputs normalised to mean squared norm d_model
 
@@ -68,7 +69,24 @@ class JumpReluSAE(SAE):
 
     def loss(self, x_BD: Tensor, *, sparsity_coef: float, dead_L: Tensor | None = None
              ) -> LossOutput:
+        """Sparse (see `sparse`) unless the code or the thresholds' window is too dense."""
         pre_BL = torch.relu(self.pre_acts(x_BD))
+        selected = jumprelu_entries(pre_BL.detach(), self.threshold.detach(), BANDWIDTH)
+        if selected is None:
+            return self.dense_loss(x_BD, pre_BL, sparsity_coef)
+        del pre_BL
+        code, window = selected
+        xc_BD = centred(self, x_BD)
+        dec_BD, _, count_B = autoencode(self, xc_BD, code, (window, self.threshold))
+        x_hat_BD = dec_BD + self.b_dec
+        mse = (x_BD - x_hat_BD).pow(2).sum(dim=1).mean()
+        l0 = count_B.mean()
+        return LossOutput(mse + sparsity_coef * l0, x_hat_BD, fired(code, self.n_latents),
+                          l0.detach(), {"mse": mse, "l0": l0})
+
+    def dense_loss(self, x_BD: Tensor, pre_BL: Tensor, sparsity_coef: float) -> LossOutput:
+        """The same loss by dense autograd, from pre_BL = relu(pre-activations) with its
+        graph: the reference the sparse path is tested against, and its fallback."""
         codes_BL = _JumpReLU.apply(pre_BL, self.threshold)
         x_hat_BD = self.decode(codes_BL)
         mse = (x_BD - x_hat_BD).pow(2).sum(dim=1).mean()

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from saelab.saes.base import SAE, LossOutput, register_architecture
+from saelab.saes.sparse import above, autoencode, centred, fired
 
 
 @register_architecture
@@ -22,7 +23,23 @@ class ReluSAE(SAE):
 
     def loss(self, x_BD: Tensor, *, sparsity_coef: float, dead_L: Tensor | None = None
              ) -> LossOutput:
-        codes_BL = self.encode(x_BD)
+        """Sparse (see `sparse`) once the code is sparse enough, dense before."""
+        pre_BL = torch.relu(self.pre_acts(x_BD))
+        code = above(pre_BL.detach(), 0.0)
+        if code is None:
+            return self.dense_loss(x_BD, pre_BL, sparsity_coef)
+        del pre_BL
+        xc_BD = centred(self, x_BD)
+        dec_BD, acts_E, count_B = autoencode(self, xc_BD, code)
+        x_hat_BD = dec_BD + self.b_dec
+        mse = (x_BD - x_hat_BD).pow(2).sum(dim=1).mean()
+        l1 = (acts_E * self.W_dec.norm(dim=1)[code.cols]).sum() / len(x_BD)
+        return LossOutput(mse + sparsity_coef * l1, x_hat_BD, fired(code, self.n_latents),
+                          count_B.mean(), {"mse": mse, "l1": l1})
+
+    def dense_loss(self, x_BD: Tensor, codes_BL: Tensor, sparsity_coef: float) -> LossOutput:
+        """The same loss by dense autograd, from the codes relu(pre-activations) with their
+        graph: the reference the sparse path is tested against, and its fallback."""
         x_hat_BD = self.decode(codes_BL)
         mse = (x_BD - x_hat_BD).pow(2).sum(dim=1).mean()
         l1 = (codes_BL * self.W_dec.norm(dim=1)).sum(dim=1).mean()

@@ -13,21 +13,21 @@ import torch
 from torch import Tensor
 
 from saelab.saes.base import SAE, LossOutput, register_architecture
-from saelab.saes.sparse_topk import topk_autoencode
+from saelab.saes.sparse import CodeEntries, autoencode, centred, fired, pre_activations, top_k
 
 AUXK_WEIGHT = 1 / 32
 
 
-def auxk_loss(sae: SAE, x_BD: Tensor, residual_BD: Tensor, dead_L: Tensor | None) -> Tensor:
+def auxk_loss(sae: SAE, xc_BD: Tensor, residual_BD: Tensor, dead_L: Tensor | None) -> Tensor:
     """Squared error of the residual (detached) rebuilt from the dead latents' top
-    pre-activations, mean over the batch; 0 when no latent is dead. Only the dead latents'
-    pre-activations are computed (a GEMM n_dead / n_latents the size of the encoder's)."""
+    pre-activations, mean over the batch; 0 when no latent is dead. `xc_BD` is the encoder's
+    input (`sparse.centred`). Only the dead latents' pre-activations are computed (a GEMM
+    n_dead / n_latents the size of the encoder's), and the code is sparse."""
     if dead_L is None or not dead_L.any():
-        return x_BD.new_zeros(())
+        return xc_BD.new_zeros(())
     dead = dead_L.nonzero().squeeze(1)
-    e_hat_BD, _, _ = topk_autoencode(x_BD, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec,
-                                     min(sae.d_model // 2, len(dead)), columns=dead,
-                                     subtract_b_dec=sae.apply_b_dec_to_input)
+    code = top_k(pre_activations(sae, xc_BD, dead), min(sae.d_model // 2, len(dead)), dead)
+    e_hat_BD, _, _ = autoencode(sae, xc_BD, code)
     return (residual_BD.detach() - e_hat_BD).pow(2).sum(dim=1).mean()
 
 
@@ -49,15 +49,18 @@ class TopKSAE(SAE):
 
     def loss(self, x_BD: Tensor, *, sparsity_coef: float = 0.0, dead_L: Tensor | None = None
              ) -> LossOutput:
-        """Sparse throughout (see `sparse_topk`): no dense [batch, n_latents] codes."""
-        dec_BD, acts_BK, idx_BK = topk_autoencode(x_BD, self.b_dec, self.W_enc, self.b_enc,
-                                                  self.W_dec, self.k,
-                                                  subtract_b_dec=self.apply_b_dec_to_input)
-        x_hat_BD = dec_BD + self.b_dec
-        mse = (x_BD - x_hat_BD).pow(2).sum(dim=1).mean()
-        aux = auxk_loss(self, x_BD, x_BD - x_hat_BD, dead_L)
-        active_BK = acts_BK > 0
-        fired_L = torch.zeros(self.n_latents, dtype=torch.bool, device=x_BD.device)
-        fired_L[idx_BK[active_BK]] = True
-        return LossOutput(mse + AUXK_WEIGHT * aux, x_hat_BD, fired_L,
-                          active_BK.sum(dim=1).float().mean(), {"mse": mse, "auxk": aux})
+        """Sparse throughout (see `sparse`): no dense [batch, n_latents] codes."""
+        xc_BD = centred(self, x_BD)
+        code = top_k(pre_activations(self, xc_BD), self.k)
+        dec_BD, _, count_B = autoencode(self, xc_BD, code)
+        return sparse_loss(self, x_BD, xc_BD, dec_BD, code, count_B, dead_L)
+
+
+def sparse_loss(sae: SAE, x_BD: Tensor, xc_BD: Tensor, dec_BD: Tensor, code: CodeEntries,
+                count_B: Tensor, dead_L: Tensor | None) -> LossOutput:
+    """MSE + AuxK of a sparse code's decode (TopK and BatchTopK)."""
+    x_hat_BD = dec_BD + sae.b_dec
+    mse = (x_BD - x_hat_BD).pow(2).sum(dim=1).mean()
+    aux = auxk_loss(sae, xc_BD, x_BD - x_hat_BD, dead_L)
+    return LossOutput(mse + AUXK_WEIGHT * aux, x_hat_BD, fired(code, sae.n_latents),
+                      count_B.mean(), {"mse": mse, "auxk": aux})
