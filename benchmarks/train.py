@@ -360,6 +360,159 @@ def step_dictionary_learning(total_steps: int, dead_L: Tensor | None
     return step, {"auxk_alpha": trainer.auxk_alpha, "warmup_steps": 0}
 
 
+# SAELens's LanguageModelSAERunnerConfig default (in training steps); SAETrainer.dead_neurons
+# is n_forward_passes_since_fired > dead_feature_window.
+SAE_LENS_DEAD_FEATURE_WINDOW = 1000
+
+
+def step_sae_lens_arch(architecture: str, dead_L: Tensor | None
+                       ) -> tuple[Callable[[int, Tensor], Any], dict[str, Any]]:
+    """SAELens's training SAE of `architecture` and the step its SAETrainer takes
+    (`_train_step`): training_forward_pass with the coefficients its CoefficientSchedulers
+    give (built from `sae.get_coefficients()` as `SAETrainer.__init__` builds them) and the
+    dead-neuron mask, firing statistics, backward, gradient-norm clipping at 1, Adam
+    (betas 0.9, 0.999), zero_grad, coefficient schedulers stepped.
+
+    - "standard": StandardTrainingSAE, ReLU + L1 on W_dec-norm-weighted codes;
+      l1_coefficient 1.0 (StandardTrainingSAEConfig's default), l1_warm_up_steps 0.
+    - "jumprelu": JumpReLUTrainingSAE, sparsity mode "step" (DeepMind's L0 with a rectangle
+      STE), l0_coefficient 1.0, l0_warm_up_steps 0, jumprelu_init_threshold 0.01,
+      bandwidth 0.05 (JumpReLUTrainingSAEConfig's defaults).
+    - "batchtopk": BatchTopKTrainingSAE, k = K (float), TopK aux loss (aux_loss_coefficient
+      1.0) over the dead latents, topk_threshold EMA (topk_threshold_lr 0.01) updated inside
+      training_forward_pass.
+    """
+    from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput
+    from sae_lens.training.optim import CoefficientScheduler
+
+    torch.manual_seed(SEED)
+    common = {"d_in": D_MODEL, "d_sae": N_LATENTS, "dtype": "float32", "device": "cpu"}
+    if architecture == "standard":
+        from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+
+        cfg = StandardTrainingSAEConfig(**common)
+        sae = StandardTrainingSAE(cfg)
+        notes: dict[str, Any] = {
+            "l1_coefficient": cfg.l1_coefficient, "lp_norm": cfg.lp_norm,
+            "l1_warm_up_steps": cfg.l1_warm_up_steps,
+            "dead_latents": "bookkeeping only: the standard SAE's loss does not use the dead "
+                            "mask (no ghost grads / aux loss in SAELens 6)"}
+    elif architecture == "jumprelu":
+        from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+
+        cfg = JumpReLUTrainingSAEConfig(**common)
+        sae = JumpReLUTrainingSAE(cfg)
+        notes = {
+            "l0_coefficient": cfg.l0_coefficient, "l0_warm_up_steps": cfg.l0_warm_up_steps,
+            "jumprelu_init_threshold": cfg.jumprelu_init_threshold,
+            "jumprelu_bandwidth": cfg.jumprelu_bandwidth,
+            "jumprelu_sparsity_loss_mode": cfg.jumprelu_sparsity_loss_mode,
+            "pre_act_loss_coefficient": cfg.pre_act_loss_coefficient,
+            "dead_latents": "bookkeeping only: the dead mask is used only by the pre-act loss, "
+                            "off by default (pre_act_loss_coefficient None)"}
+    elif architecture == "batchtopk":
+        from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+        cfg = BatchTopKTrainingSAEConfig(k=float(K), **common)
+        sae = BatchTopKTrainingSAE(cfg)
+        notes = {"k": cfg.k, "aux_loss_coefficient": cfg.aux_loss_coefficient,
+                 "topk_threshold_lr": cfg.topk_threshold_lr,
+                 "rescale_acts_by_decoder_norm": cfg.rescale_acts_by_decoder_norm,
+                 "dead_latents": "TopK aux loss over the dead mask"}
+    else:
+        raise ValueError(f"unknown SAELens architecture {architecture!r}")
+
+    optimizer = torch.optim.Adam(sae.parameters(), lr=LR, betas=(0.9, 0.999))
+    schedulers: dict[str, CoefficientScheduler] = {}
+    for name, coeff in sae.get_coefficients().items():  # as SAETrainer.__init__
+        if not isinstance(coeff, TrainCoefficientConfig):
+            coeff = TrainCoefficientConfig(value=coeff, warm_up_steps=0)
+        schedulers[name] = CoefficientScheduler(warm_up_steps=coeff.warm_up_steps,
+                                                final_value=coeff.value)
+    since_fired = torch.zeros(N_LATENTS)
+    act_freq = torch.zeros(N_LATENTS)
+    window = SAE_LENS_DEAD_FEATURE_WINDOW
+
+    def step(i: int, x: Tensor) -> None:
+        if dead_L is not None:
+            since_fired[dead_L] = window + 1
+        sae.train()
+        out = sae.training_forward_pass(TrainStepInput(
+            sae_in=x, coefficients={n: s.value for n, s in schedulers.items()},
+            dead_neuron_mask=since_fired > window, n_training_steps=i, is_logging_step=False))
+        with torch.no_grad():
+            firing = out.feature_acts.bool().float()
+            did_fire = firing.sum(-2).bool()
+            if did_fire.is_sparse:
+                did_fire = did_fire.to_dense()
+            since_fired.add_(1)
+            since_fired[did_fire] = 0
+            act_freq.add_(firing.sum(0))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        for scheduler in schedulers.values():
+            scheduler.step()
+
+    notes.update({"architecture": architecture, "coefficients": {
+        n: s.final_value for n, s in schedulers.items()},
+        "dead_feature_window": window, "note": "LR schedule omitted (a scalar per step)"})
+    return step, notes
+
+
+def step_dictionary_learning_arch(architecture: str, total_steps: int, dead_L: Tensor | None
+                                  ) -> tuple[Callable[[int, Tensor], Any], dict[str, Any]]:
+    """dictionary_learning's trainer of `architecture`, its whole step as `update(i, x)`:
+
+    - "jumprelu": JumpReluTrainer (JumpReluAutoEncoder: threshold init 0.001, W_enc = W_dec^T,
+      unit-norm decoder rows): loss = MSE + sparsity_penalty * (L0 / target_l0 - 1)^2 with the
+      step-function STE (bandwidth 0.001), radial part of W_dec's gradient removed, clipping
+      at 1, Adam (betas 0.0, 0.999), LR schedule, decoder renormalised. target_l0 = K,
+      sparsity_penalty 1.0 (default), sparsity_warmup_steps 0 (penalty on from step 0; its
+      default 2000), warmup_steps 0 (its default 1000 must be below `steps`).
+    - "batchtopk": BatchTopKTrainer (BatchTopKSAE): geometric-median b_dec on step 0, batch
+      top-(k * batch) codes, MSE + auxk_alpha (1/32) * normalised AuxK over the dead latents
+      (top_k_aux = d_model // 2), radial projection, clipping, Adam, LR schedule, decoder
+      renormalised. k = K, warmup_steps 0, threshold_start_step 0 (its default 1000: the
+      inference-threshold EMA then runs from step 1, as on all but the first 1000 steps of a
+      real run).
+    """
+    if architecture == "jumprelu":
+        from dictionary_learning.trainers.jumprelu import JumpReluTrainer
+
+        torch.manual_seed(SEED)  # JumpReluTrainer stores `seed` but does not seed torch itself
+        trainer = JumpReluTrainer(steps=total_steps, activation_dim=D_MODEL, dict_size=N_LATENTS,
+                                  layer=0, lm_name="benchmark", lr=LR, seed=SEED, device="cpu",
+                                  target_l0=float(K), warmup_steps=0, sparsity_warmup_steps=0)
+        notes: dict[str, Any] = {
+            "target_l0": trainer.target_l0, "sparsity_penalty": trainer.sparsity_coefficient,
+            "bandwidth": trainer.bandwidth, "warmup_steps": 0, "sparsity_warmup_steps": 0,
+            "dead_latents": "no dead-latent mechanism (num_tokens_since_fired is for logging "
+                            "only); the mask is still written, with no effect on the loss"}
+    elif architecture == "batchtopk":
+        from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
+
+        trainer = BatchTopKTrainer(steps=total_steps, activation_dim=D_MODEL, dict_size=N_LATENTS,
+                                   k=K, layer=0, lm_name="benchmark", lr=LR, device="cpu",
+                                   seed=SEED, warmup_steps=0, threshold_start_step=0)
+        notes = {"k": K, "auxk_alpha": trainer.auxk_alpha, "top_k_aux": trainer.top_k_aux,
+                 "threshold_beta": trainer.threshold_beta, "threshold_start_step": 0,
+                 "warmup_steps": 0, "dead_latents": "AuxK over num_tokens_since_fired >= "
+                 "dead_feature_threshold"}
+    else:
+        raise ValueError(f"unknown dictionary_learning architecture {architecture!r}")
+    notes.update({"architecture": architecture, "lr": LR,
+                  "dead_feature_threshold": trainer.dead_feature_threshold})
+
+    def step(i: int, x: Tensor) -> None:
+        if dead_L is not None:
+            trainer.num_tokens_since_fired[dead_L] = trainer.dead_feature_threshold
+        trainer.update(i, x)
+
+    return step, notes
+
+
 def step_dense() -> tuple[Callable[[int, Tensor], Any], dict[str, Any]]:
     """Plain torch TopK: encoder GEMM, top-k, dense codes, dense decoder GEMM, MSE, Adam.
     What autograd does with no sparse kernels at all (6 dense GEMMs a step)."""
@@ -394,6 +547,11 @@ def peer_step(name: str, plan: Plan) -> tuple[Callable[[int, Tensor], Any], dict
         return step_dictionary_learning(plan.warmup + plan.steps, dead_L)
     if name == "dense":
         return step_dense()
+    library, _, architecture = name.partition("-")
+    if library == "sae_lens" and architecture:
+        return step_sae_lens_arch(architecture, dead_L)
+    if library == "dictionary_learning" and architecture:
+        return step_dictionary_learning_arch(architecture, plan.warmup + plan.steps, dead_L)
     raise ValueError(f"unknown row {name!r}")
 
 

@@ -174,6 +174,24 @@ def test_sparse_backward_equals_dense_autograd(architecture, density, monkeypatc
     assert torch.equal(out.fired, (z > 0).any(0))
 
 
+@pytest.mark.parametrize("per_row", [1, 4, 1000])
+def test_batch_top_k_from_per_token_candidates_equals_one_top_k(per_row):
+    """BatchTopK selects from each token's top candidates; tokens holding more of the batch's
+    top entries than their candidates (planted: rows 3 and 7) give their whole row."""
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(40, 300, generator=g, dtype=torch.float64)
+    pre[3] += 4.0
+    pre[7, :50] += 6.0
+    for n in (40 * 5, 40 * 300):
+        code = sparse.top_k_of_batch(pre, n, per_row=per_row)
+        top, flat = torch.relu(pre).view(-1).topk(n)
+        expected = torch.zeros_like(pre).view(-1).scatter_(0, flat, top).view_as(pre)
+        got = torch.zeros_like(pre)
+        got[code.rows, code.cols] = code.acts
+        assert torch.equal(got, expected)
+        assert len(code.rows) == n and bool((code.rows.diff() >= 0).all())
+
+
 def test_the_sparse_path_refuses_codes_too_dense_for_it():
     pre = torch.zeros(100, 100)
     pre[:, : int(100 * sparse.SPARSE_DENSITY)] = 1.0

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.saes.base import SAE, LossOutput, register_architecture
-from saelab.saes.sparse import autoencode, centred, fired, jumprelu_entries
+from saelab.saes.sparse import autoencode, centred, fired, jumprelu_entries, pre_activations
 
 BANDWIDTH = 0.1  # epsilon, on inputs normalised to mean squared norm d_model
 
@@ -70,13 +70,13 @@ class JumpReluSAE(SAE):
     def loss(self, x_BD: Tensor, *, sparsity_coef: float, dead_L: Tensor | None = None
              ) -> LossOutput:
         """Sparse (see `sparse`) unless the code or the thresholds' window is too dense."""
-        pre_BL = torch.relu(self.pre_acts(x_BD))
-        selected = jumprelu_entries(pre_BL.detach(), self.threshold.detach(), BANDWIDTH)
-        if selected is None:
-            return self.dense_loss(x_BD, pre_BL, sparsity_coef)
-        del pre_BL
-        code, window = selected
         xc_BD = centred(self, x_BD)
+        pre_BL = pre_activations(self, xc_BD).relu_()
+        selected = jumprelu_entries(pre_BL, self.threshold.detach(), BANDWIDTH)
+        del pre_BL
+        if selected is None:  # the graph's GEMM again: only in a regime that is slow anyway
+            return self.dense_loss(x_BD, torch.relu(self.pre_acts(x_BD)), sparsity_coef)
+        code, window = selected
         dec_BD, _, count_B = autoencode(self, xc_BD, code, (window, self.threshold))
         x_hat_BD = dec_BD + self.b_dec
         mse = (x_BD - x_hat_BD).pow(2).sum(dim=1).mean()

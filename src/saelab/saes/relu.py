@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from saelab.saes.base import SAE, LossOutput, register_architecture
-from saelab.saes.sparse import above, autoencode, centred, fired
+from saelab.saes.sparse import above, autoencode, centred, fired, pre_activations
 
 
 @register_architecture
@@ -24,12 +24,12 @@ class ReluSAE(SAE):
     def loss(self, x_BD: Tensor, *, sparsity_coef: float, dead_L: Tensor | None = None
              ) -> LossOutput:
         """Sparse (see `sparse`) once the code is sparse enough, dense before."""
-        pre_BL = torch.relu(self.pre_acts(x_BD))
-        code = above(pre_BL.detach(), 0.0)
-        if code is None:
-            return self.dense_loss(x_BD, pre_BL, sparsity_coef)
-        del pre_BL
         xc_BD = centred(self, x_BD)
+        pre_BL = pre_activations(self, xc_BD)
+        code = above(pre_BL, 0.0)
+        del pre_BL
+        if code is None:  # the graph's GEMM again: only while training is young
+            return self.dense_loss(x_BD, torch.relu(self.pre_acts(x_BD)), sparsity_coef)
         dec_BD, acts_E, count_B = autoencode(self, xc_BD, code)
         x_hat_BD = dec_BD + self.b_dec
         mse = (x_BD - x_hat_BD).pow(2).sum(dim=1).mean()

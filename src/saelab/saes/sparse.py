@@ -89,19 +89,40 @@ def top_k(pre_BL: Tensor, k: int, columns: Tensor | None = None) -> CodeEntries:
     return CodeEntries(rows, cols, top_BK.clamp_(min=0).reshape(-1), len(pre_BL))
 
 
-def top_k_of_batch(pre_BL: Tensor, n: int) -> CodeEntries:
-    """BatchTopK's code: the n largest positive pre-activations of the whole batch."""
-    top, flat = torch.relu(pre_BL).view(-1).topk(min(n, pre_BL.numel()), sorted=False)
-    flat, order = flat.sort()
+def top_k_of_batch(pre_BL: Tensor, n: int, per_row: int = 4) -> CodeEntries:
+    """BatchTopK's code: the n largest positive pre-activations of the whole batch.
+
+    A top-n over all B x L entries is a slow sort-like pass (1.5 s at 4096 x 16384 on 2
+    cores); instead each token's top (per_row * n / B) are the candidates, and the top n of
+    those is the batch's as long as every token's last candidate is below their n-th value T
+    (then nothing left out can reach T). The tokens where it is not contribute their whole row
+    instead, which keeps the result exact (up to the order of ties, as any top-k).
+    """
+    n = min(n, pre_BL.numel())
+    m = min(pre_BL.shape[1], max(1, -(-per_row * n // len(pre_BL))))
+    top_BM, j_BM = pre_BL.topk(m, dim=1, sorted=True)
+    values, flat = top_BM.reshape(-1), (j_BM + torch.arange(
+        len(pre_BL), device=pre_BL.device)[:, None] * pre_BL.shape[1]).reshape(-1)
+    if m < pre_BL.shape[1]:
+        nth = values.topk(min(n, len(values)), sorted=False).values.min()
+        full = (top_BM[:, -1] >= nth).nonzero().squeeze(1)  # tokens with more above T
+        if len(full):
+            keep = ~torch.isin(flat // pre_BL.shape[1], full)
+            rows_flat = (full[:, None] * pre_BL.shape[1] + torch.arange(
+                pre_BL.shape[1], device=pre_BL.device)).reshape(-1)
+            values = torch.cat([values[keep], pre_BL.view(-1)[rows_flat]])
+            flat = torch.cat([flat[keep], rows_flat])
+    top, pick = values.topk(n, sorted=False)
+    flat, order = flat[pick].sort()
     rows, cols, _ = _flat_entries(pre_BL, flat)
-    return CodeEntries(rows, cols, top[order], len(pre_BL))
+    return CodeEntries(rows, cols, top[order].clamp_(min=0), len(pre_BL))
 
 
 def above(pre_BL: Tensor, threshold: float | Tensor) -> CodeEntries | None:
     """The entries of pre_BL above `threshold` (a number, or one per latent), or None when
     they are too many for the sparse path to pay."""
     mask = pre_BL > threshold
-    n = int(mask.sum())
+    n = int(torch.count_nonzero(mask))
     if _dense_enough(n, pre_BL):
         return None
     rows, cols, values = _flat_entries(pre_BL, mask.view(-1).nonzero().squeeze(1))
@@ -238,11 +259,13 @@ def centred(sae: SAE, x_BD: Tensor) -> Tensor:
 
 
 def pre_activations(sae: SAE, xc_BD: Tensor, columns: Tensor | None = None) -> Tensor:
-    """The one dense GEMM of a sparse step (over `columns` only, when given), no graph."""
+    """The one dense GEMM of a sparse step (over `columns` only, when given), no graph. The
+    bias is added after the product: `addmm` first copies it into every row of the output,
+    a [batch, n_latents] pass that cost 0.1 s of a 1 s step."""
     with torch.no_grad():
         if columns is None:
-            return torch.addmm(sae.b_enc, xc_BD, sae.W_enc)
-        return torch.addmm(sae.b_enc[columns], xc_BD, sae.W_enc[:, columns])
+            return (xc_BD @ sae.W_enc).add_(sae.b_enc)
+        return (xc_BD @ sae.W_enc[:, columns]).add_(sae.b_enc[columns])
 
 
 def autoencode(sae: SAE, xc_BD: Tensor, code: CodeEntries,
