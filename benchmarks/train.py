@@ -1,4 +1,4 @@
-"""Training benchmark: TopK SAE steps per second and peak memory, saelab against its peers.
+"""Training benchmark: SAE steps per second and peak memory, saelab against its peers.
 
 One run trains a TopK SAE (n_latents 16384, d_model 640, k 32, batches of 4096 rows, Adam,
 `torch.set_num_threads(2)`) on the same synthetic data in every library, each row in its own
@@ -7,9 +7,9 @@ subprocess so its peak RSS (`ru_maxrss`) is its own:
 - saelab: its public `Trainer(TrainConfig(architecture="topk", ...), TrainingData(tensor))`,
   driven by the loop `saelab.train` runs (the data's global batches in saelab's one order,
   `trainer.batch(index)` then `trainer.step(x)`), each timed on its own: `Trainer.step` is
-  `TopKSAE.loss` through `sparse_topk.TopKAutoencode` (one dense GEMM, the encoder's
-  forward; sparse decoder and hand-written sparse backward, no dense [batch, n_latents]
-  codes; AuxK over the dead latents' columns only), fused Adam;
+  `TopKSAE.loss` through `saes.sparse` (one dense GEMM, the encoder's forward; sparse
+  decoder and hand-written sparse backward, no dense [batch, n_latents] codes; AuxK over the
+  dead latents' columns only), fused Adam;
 - EleutherAI sparsify (`SparseCoder` and the step its `Trainer` takes), SAELens
   (`TopKTrainingSAE.training_forward_pass` and the step its `SAETrainer` takes, dense and
   with `use_sparse_activations`), dictionary_learning (`TopKTrainer.update`), and a dense
@@ -19,7 +19,13 @@ subprocess so its peak RSS (`ru_maxrss`) is its own:
   backward dW_enc, backward dx) of a step whose decoder is sparse.
 
 No latent is dead in a short run (every library waits >= 1M tokens), so AuxK never runs in
-the main table; a second table holds half the latents dead at every step, so it runs.
+the main table; a second table holds half the latents dead at every step, so it runs. Then
+one section per other architecture at the same sizes (`--architectures`): BatchTopK (saelab,
+SAELens, dictionary_learning's BatchTopKTrainer), JumpReLU (saelab starting at L0 32, SAELens,
+dictionary_learning's JumpReluTrainer with target L0 32) and ReLU+L1 (saelab with its biases
+shifted to L0 32, SAELens `standard`), each against saelab's TopK row and the fastest peer.
+`--crossing` times ReLU+L1 steps at code densities from 0.2 % to 20 % through the sparse path
+and the dense fallback, which is where `saes.sparse.SPARSE_DENSITY` comes from.
 
 Data: a planted sparse mixture, the same bytes in every subprocess: each row is the sum of 32
 of 8192 random unit atoms with exponential magnitudes, plus a fixed offset and gaussian noise,
