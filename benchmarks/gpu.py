@@ -204,8 +204,8 @@ def compare(work: Path, tokens: int) -> None:
     sl.train(sl.TrainConfig(architecture="topk", n_latents=2048, k=K, tokens=len(store),
                             batch_size=1024), store, work / "sae")
     results = {}
-    for device in ("cpu", DEVICE):
-        cfg = CompareConfig(sae=str(work / "sae"), out=work / f"compare-{device}", site=SITE,
+    for run, device in enumerate(("cpu", DEVICE)):  # two folders even in a dry run
+        cfg = CompareConfig(sae=str(work / "sae"), out=work / f"compare-{run}", site=SITE,
                                tokens=tokens, fit_tokens=tokens, skip_tokens=len(store),
                                k=(K,), coders=("encoder", "gp", "omp"), device=device)
         t0 = time.perf_counter()
@@ -214,7 +214,7 @@ def compare(work: Path, tokens: int) -> None:
     for row_cpu, row_gpu in zip(cpu["rows"], gpu["rows"], strict=True):
         diff = abs(row_gpu["delta_loss"] - row_cpu["delta_loss"])
         check(f"compare {row_cpu['coder']} k={row_cpu.get('k')}: delta loss, GPU - CPU (nats)",
-              diff, 0.01 + 0.02 * abs(row_cpu["delta_loss"]), cpu_s=t_cpu, gpu_s=t_gpu)
+              diff, 0.01 + 0.002 * abs(row_cpu["delta_loss"]), cpu_s=t_cpu, gpu_s=t_gpu)
 
 
 def main() -> None:
