@@ -142,7 +142,7 @@ def training(steps: int) -> list[dict[str, Any]]:
     _, x = planted(steps * 1024, seed=1)
     rows = []
     for arch in ("topk", "batchtopk", "jumprelu", "relu"):
-        results = {}
+        results = []  # [cpu, device] (both "cpu" in a dry run)
         for device in ("cpu", DEVICE):
             cfg = sl.TrainConfig(architecture=arch, n_latents=4096, k=K, tokens=len(x),
                                  batch_size=1024, device=device, log_every=1,
@@ -154,8 +154,8 @@ def training(steps: int) -> list[dict[str, Any]]:
                 losses = [json.loads(line)["loss"]
                           for line in (Path(run) / "metrics.jsonl").read_text().splitlines()
                           if '"loss"' in line]
-            results[device] = (sae.to("cpu"), losses, seconds)
-        (cpu, l_cpu, t_cpu), (gpu, l_gpu, t_gpu) = results["cpu"], results[DEVICE]
+            results.append((sae.to("cpu"), losses, seconds))
+        (cpu, l_cpu, t_cpu), (gpu, l_gpu, t_gpu) = results
         loss_diff = max(abs(a - b) / abs(a) for a, b in zip(l_cpu, l_gpu, strict=True))
         w_diff = float((gpu.W_dec - cpu.W_dec).norm() / cpu.W_dec.norm())
         check(f"train {arch}: losses step by step against the CPU's (max relative)",
@@ -203,14 +203,14 @@ def compare(work: Path, tokens: int) -> None:
     store = sl.ActivationStore(work / "cpu-cache" / SITE)
     sl.train(sl.TrainConfig(architecture="topk", n_latents=2048, k=K, tokens=len(store),
                             batch_size=1024), store, work / "sae")
-    results = {}
+    results = []  # [cpu, device]
     for run, device in enumerate(("cpu", DEVICE)):  # two folders even in a dry run
         cfg = CompareConfig(sae=str(work / "sae"), out=work / f"compare-{run}", site=SITE,
                                tokens=tokens, fit_tokens=tokens, skip_tokens=len(store),
                                k=(K,), coders=("encoder", "gp", "omp"), device=device)
         t0 = time.perf_counter()
-        results[device] = (run_compare(cfg), time.perf_counter() - t0)
-    (cpu, t_cpu), (gpu, t_gpu) = results["cpu"], results[DEVICE]
+        results.append((run_compare(cfg), time.perf_counter() - t0))
+    (cpu, t_cpu), (gpu, t_gpu) = results
     for row_cpu, row_gpu in zip(cpu["rows"], gpu["rows"], strict=True):
         diff = abs(row_gpu["delta_loss"] - row_cpu["delta_loss"])
         check(f"compare {row_cpu['coder']} k={row_cpu.get('k')}: delta loss, GPU - CPU (nats)",
