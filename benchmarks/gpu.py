@@ -218,7 +218,7 @@ def compare(work: Path, tokens: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "gpu.json",
                         help="where the JSON goes (default benchmarks/results/gpu.json)")
     parser.add_argument("--quick", action="store_true",
