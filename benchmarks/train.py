@@ -303,32 +303,40 @@ def step_sparsify(dead_L: Tensor | None) -> tuple[Callable[[int, Tensor], Any], 
                   "note": "LR schedule omitted (a scalar per step)"}
 
 
-def step_sae_lens(sparse: bool, dead_L: Tensor | None) -> tuple[Callable[[int, Tensor], Any], dict[str, Any]]:
-    """SAELens's TopKTrainingSAE and the step its SAETrainer takes: training_forward_pass
-    (MSE + TopK aux loss when neurons are dead), firing statistics, backward, gradient-norm
-    clipping at 1, Adam, zero_grad. `sparse` turns on its use_sparse_activations option
-    (COO codes, torch.sparse.mm decoder); with it, rescale_acts_by_decoder_norm (default on)
-    is turned off: on CPU torch 2.13 its backward fails ('aten::view' has no SparseCPU
-    kernel)."""
-    from sae_lens.saes.sae import TrainStepInput
-    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+# SAELens's LanguageModelSAERunnerConfig default (in training steps); SAETrainer.dead_neurons
+# is n_forward_passes_since_fired > dead_feature_window.
+SAE_LENS_DEAD_FEATURE_WINDOW = 1000
 
-    extra = {"use_sparse_activations": True, "rescale_acts_by_decoder_norm": False} if sparse else {}
-    cfg = TopKTrainingSAEConfig(d_in=D_MODEL, d_sae=N_LATENTS, k=K, dtype="float32",
-                                device="cpu", **extra)
-    sae = TopKTrainingSAE(cfg)
+
+def sae_lens_step(sae: Any, dead_L: Tensor | None
+                  ) -> tuple[Callable[[int, Tensor], Any], dict[str, float]]:
+    """The step SAELens's SAETrainer takes (`_train_step`) on any of its training SAEs:
+    training_forward_pass with the coefficients its CoefficientSchedulers give (built from
+    `sae.get_coefficients()` as `SAETrainer.__init__` builds them; none for TopK) and the
+    dead-neuron mask, firing statistics, backward, gradient-norm clipping at 1, Adam
+    (betas 0.9, 0.999), zero_grad, the schedulers stepped. Returns the step and the
+    coefficients' final values."""
+    from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput
+    from sae_lens.training.optim import CoefficientScheduler
+
     optimizer = torch.optim.Adam(sae.parameters(), lr=LR, betas=(0.9, 0.999))
+    schedulers: dict[str, CoefficientScheduler] = {}
+    for name, coeff in sae.get_coefficients().items():  # as SAETrainer.__init__
+        if not isinstance(coeff, TrainCoefficientConfig):
+            coeff = TrainCoefficientConfig(value=coeff, warm_up_steps=0)
+        schedulers[name] = CoefficientScheduler(warm_up_steps=coeff.warm_up_steps,
+                                                final_value=coeff.value)
     since_fired = torch.zeros(N_LATENTS)
     act_freq = torch.zeros(N_LATENTS)
-    dead_feature_window = 1000  # LanguageModelSAERunnerConfig's default
+    window = SAE_LENS_DEAD_FEATURE_WINDOW
 
     def step(i: int, x: Tensor) -> None:
         if dead_L is not None:
-            since_fired[dead_L] = dead_feature_window + 1
+            since_fired[dead_L] = window + 1
         sae.train()
         out = sae.training_forward_pass(TrainStepInput(
-            sae_in=x, coefficients={}, dead_neuron_mask=since_fired > dead_feature_window,
-            n_training_steps=i, is_logging_step=False))
+            sae_in=x, coefficients={n: s.value for n, s in schedulers.items()},
+            dead_neuron_mask=since_fired > window, n_training_steps=i, is_logging_step=False))
         with torch.no_grad():
             firing = out.feature_acts.bool().float()
             did_fire = firing.sum(-2).bool()
@@ -341,7 +349,26 @@ def step_sae_lens(sparse: bool, dead_L: Tensor | None) -> tuple[Callable[[int, T
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
+        for scheduler in schedulers.values():
+            scheduler.step()
 
+    return step, {n: sch.final_value for n, sch in schedulers.items()}
+
+
+def step_sae_lens(sparse: bool, dead_L: Tensor | None) -> tuple[Callable[[int, Tensor], Any], dict[str, Any]]:
+    """SAELens's TopKTrainingSAE and the step its SAETrainer takes: training_forward_pass
+    (MSE + TopK aux loss when neurons are dead), firing statistics, backward, gradient-norm
+    clipping at 1, Adam, zero_grad. `sparse` turns on its use_sparse_activations option
+    (COO codes, torch.sparse.mm decoder); with it, rescale_acts_by_decoder_norm (default on)
+    is turned off: on CPU torch 2.13 its backward fails ('aten::view' has no SparseCPU
+    kernel)."""
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    extra = {"use_sparse_activations": True, "rescale_acts_by_decoder_norm": False} if sparse else {}
+    cfg = TopKTrainingSAEConfig(d_in=D_MODEL, d_sae=N_LATENTS, k=K, dtype="float32",
+                                device="cpu", **extra)
+    sae = TopKTrainingSAE(cfg)
+    step, _ = sae_lens_step(sae, dead_L)  # TopK has no coefficients
     return step, {"use_sparse_activations": sparse,
                   "rescale_acts_by_decoder_norm": cfg.rescale_acts_by_decoder_norm,
                   "note": "LR schedule omitted (a scalar per step)"}
@@ -366,18 +393,10 @@ def step_dictionary_learning(total_steps: int, dead_L: Tensor | None
     return step, {"auxk_alpha": trainer.auxk_alpha, "warmup_steps": 0}
 
 
-# SAELens's LanguageModelSAERunnerConfig default (in training steps); SAETrainer.dead_neurons
-# is n_forward_passes_since_fired > dead_feature_window.
-SAE_LENS_DEAD_FEATURE_WINDOW = 1000
-
-
 def step_sae_lens_arch(architecture: str, dead_L: Tensor | None
                        ) -> tuple[Callable[[int, Tensor], Any], dict[str, Any]]:
     """SAELens's training SAE of `architecture` and the step its SAETrainer takes
-    (`_train_step`): training_forward_pass with the coefficients its CoefficientSchedulers
-    give (built from `sae.get_coefficients()` as `SAETrainer.__init__` builds them) and the
-    dead-neuron mask, firing statistics, backward, gradient-norm clipping at 1, Adam
-    (betas 0.9, 0.999), zero_grad, coefficient schedulers stepped.
+    (`sae_lens_step`), with the library's default coefficients:
 
     - "standard": StandardTrainingSAE, ReLU + L1 on W_dec-norm-weighted codes;
       l1_coefficient 1.0 (StandardTrainingSAEConfig's default), l1_warm_up_steps 0.
@@ -388,8 +407,6 @@ def step_sae_lens_arch(architecture: str, dead_L: Tensor | None
       1.0) over the dead latents, topk_threshold EMA (topk_threshold_lr 0.01) updated inside
       training_forward_pass.
     """
-    from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput
-    from sae_lens.training.optim import CoefficientScheduler
 
     torch.manual_seed(SEED)
     common = {"d_in": D_MODEL, "d_sae": N_LATENTS, "dtype": "float32", "device": "cpu"}
@@ -428,42 +445,10 @@ def step_sae_lens_arch(architecture: str, dead_L: Tensor | None
     else:
         raise ValueError(f"unknown SAELens architecture {architecture!r}")
 
-    optimizer = torch.optim.Adam(sae.parameters(), lr=LR, betas=(0.9, 0.999))
-    schedulers: dict[str, CoefficientScheduler] = {}
-    for name, coeff in sae.get_coefficients().items():  # as SAETrainer.__init__
-        if not isinstance(coeff, TrainCoefficientConfig):
-            coeff = TrainCoefficientConfig(value=coeff, warm_up_steps=0)
-        schedulers[name] = CoefficientScheduler(warm_up_steps=coeff.warm_up_steps,
-                                                final_value=coeff.value)
-    since_fired = torch.zeros(N_LATENTS)
-    act_freq = torch.zeros(N_LATENTS)
-    window = SAE_LENS_DEAD_FEATURE_WINDOW
-
-    def step(i: int, x: Tensor) -> None:
-        if dead_L is not None:
-            since_fired[dead_L] = window + 1
-        sae.train()
-        out = sae.training_forward_pass(TrainStepInput(
-            sae_in=x, coefficients={n: s.value for n, s in schedulers.items()},
-            dead_neuron_mask=since_fired > window, n_training_steps=i, is_logging_step=False))
-        with torch.no_grad():
-            firing = out.feature_acts.bool().float()
-            did_fire = firing.sum(-2).bool()
-            if did_fire.is_sparse:
-                did_fire = did_fire.to_dense()
-            since_fired.add_(1)
-            since_fired[did_fire] = 0
-            act_freq.add_(firing.sum(0))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        for scheduler in schedulers.values():
-            scheduler.step()
-
-    notes.update({"architecture": architecture, "coefficients": {
-        n: s.final_value for n, s in schedulers.items()},
-        "dead_feature_window": window, "note": "LR schedule omitted (a scalar per step)"})
+    step, coefficients = sae_lens_step(sae, dead_L)
+    notes.update({"architecture": architecture, "coefficients": coefficients,
+                  "dead_feature_window": SAE_LENS_DEAD_FEATURE_WINDOW,
+                  "note": "LR schedule omitted (a scalar per step)"})
     return step, notes
 
 
