@@ -81,15 +81,18 @@ def read_sites(model: nn.Module, sites: Sequence[Site], input_ids: Tensor,
 
 
 def spliced_logits(model: nn.Module, input_ids: Tensor, splices: Mapping[Site, SiteFn],
-                   attention_mask: Tensor | None = None, *, final_hidden: bool = False) -> Tensor:
-    """Logits [batch, pos, vocab] with each site's value replaced by its function's output;
-    with `final_hidden`, the base model's last hidden state [batch, pos, d] instead (the LM
-    head's input: the head is left to the caller, which can apply it a vocabulary chunk at a
-    time)."""
+                   attention_mask: Tensor | None = None) -> Tensor:
+    """Logits [batch, pos, vocab] with each site's value replaced by its function's output."""
     with hooked(model, splices), torch.inference_mode():
-        if final_hidden:
-            base: nn.Module = getattr(model, "base_model")  # a PreTrainedModel's trunk
-            return base(input_ids=input_ids, attention_mask=attention_mask,
-                        use_cache=False).last_hidden_state
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.logits
+
+
+def spliced_final_hidden(model: nn.Module, input_ids: Tensor, splices: Mapping[Site, SiteFn]
+                         ) -> Tensor:
+    """The LM head's input [batch, pos, d] (the base model's last hidden state, after the
+    final norm) with sites replaced as in `spliced_logits`: the head is left to the caller,
+    which can apply it a vocabulary slice at a time."""
+    base: nn.Module = getattr(model, "base_model")  # a PreTrainedModel's trunk
+    with hooked(model, splices), torch.inference_mode():
+        return base(input_ids=input_ids, use_cache=False).last_hidden_state

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from saelab.lm.hooks import read_sites, spliced_logits
+from saelab.lm.hooks import read_sites, spliced_final_hidden, spliced_logits
 from saelab.lm.sites import Site, list_sites, resolve_site
 
 
@@ -88,8 +88,7 @@ class LanguageModel:
         """The LM head's input [batch, pos, d] (after the final norm), with sites replaced as
         in `logits`; `unembedding()` maps it to the logits."""
         splices = {self.site(name): fn for name, fn in (splice or {}).items()}
-        return spliced_logits(self.hf_model, input_ids.to(self.device), splices,
-                              final_hidden=True)
+        return spliced_final_hidden(self.hf_model, input_ids.to(self.device), splices)
 
     def unembedding(self) -> Unembedding | None:
         """The head as an affine map of `final_hidden`, or None where the model's logits are
