@@ -67,7 +67,6 @@ class ThresholdWindow:
     weight: Tensor  # [C]: 1, 0 or -1
     low: Tensor  # [n_latents] bool
     fired: Tensor  # [E] bool
-    theta: Tensor  # [n_latents]
     bandwidth: float
 
 
@@ -148,7 +147,7 @@ def jumprelu_entries(pre_BL: Tensor, theta: Tensor, bandwidth: float
     weight = in_window.to(pre_BL.dtype) - low[cand.cols].to(pre_BL.dtype)
     keep = weight != 0
     window = ThresholdWindow(cand.rows[keep], cand.cols[keep], weight[keep], low,
-                             in_window[fires], theta, bandwidth)
+                             in_window[fires], bandwidth)
     return code, window
 
 
@@ -214,7 +213,7 @@ class SparseAutoencode(torch.autograd.Function):
                                      per_sample_weights=acts, mode="sum")
         count_B = torch.bincount(code.rows[code.acts > 0], minlength=code.n_tokens)
         ctx.graph = (out_BD, acts)
-        ctx.save_for_backward(xc_BD, W_enc, W_dec)
+        ctx.save_for_backward(xc_BD, W_enc, W_dec, *(() if theta is None else (theta,)))
         ctx.code, ctx.window, ctx.subtract_b_dec = code, window, subtract_b_dec
         count_B = count_B.to(xc_BD.dtype)
         if window is None:  # only thresholds are differentiable through the count
@@ -226,7 +225,7 @@ class SparseAutoencode(torch.autograd.Function):
                  ) -> tuple[Tensor | None, ...]:
         if ctx.needs_input_grad[0]:
             raise NotImplementedError("SparseAutoencode gives no gradient for the activations")
-        xc_BD, W_enc, W_dec = ctx.saved_tensors
+        xc_BD, W_enc, W_dec, *thresholds = ctx.saved_tensors
         code, window = ctx.code, ctx.window
         out_BD, acts = ctx.graph
         del ctx.graph
@@ -240,6 +239,7 @@ class SparseAutoencode(torch.autograd.Function):
         g_b_dec = -(W_enc @ g_b_enc) if ctx.subtract_b_dec else None
         g_theta = None
         if window is not None:
+            theta = thresholds[0]
             low = window.low.to(g_out_BD.dtype)
             S_LD = _latent_t_mm(_by_latent(window.cols, window.rows, n_latents),
                                 window.weight, g_out_BD)
@@ -248,7 +248,7 @@ class SparseAutoencode(torch.autograd.Function):
                 0, code.cols[window.fired], g_acts_E[window.fired])
             g_count = (low * g_count_B.sum()).index_add_(
                 0, window.cols, window.weight * g_count_B[window.rows])
-            g_theta = -(window.theta / window.bandwidth) * g_code - g_count / window.bandwidth
+            g_theta = -(theta / window.bandwidth) * g_code - g_count / window.bandwidth
         return None, g_b_dec, g_W_enc, g_b_enc, g_W_dec, g_theta, None, None, None
 
 
