@@ -46,6 +46,13 @@ def windows(lm, n=3, t=12, seed=0):
     return ids
 
 
+def perturbed(activations, seed=1):
+    """The site's activations plus float64 gaussian noise (std 0.5): a replacement that
+    changes the loss."""
+    g = torch.Generator().manual_seed(seed)
+    return activations + 0.5 * torch.randn(activations.shape, generator=g, dtype=torch.float64)
+
+
 def head_logprobs(lm, resid):
     """Reference: the tiny llama's final norm and head on a residual stream, in float64."""
     model = lm.hf_model
@@ -72,9 +79,7 @@ def reference_losses(lm, ids, replacement):
 def test_delta_loss_and_kl_equal_a_float64_reference(lm64):
     ids = windows(lm64)
     clean = clean_pass(lm64, LAST, ids)
-    g = torch.Generator().manual_seed(1)
-    replacement = clean.activations + 0.5 * torch.randn(clean.activations.shape, generator=g,
-                                                        dtype=torch.float64)
+    replacement = perturbed(clean.activations)
     ce, kl = spliced_loss(lm64, LAST, clean, replacement)
     ref_clean, ref_ce, ref_kl = reference_losses(lm64, ids, replacement)
     np.testing.assert_allclose(clean.loss.numpy(), ref_clean, rtol=1e-6)
@@ -119,9 +124,7 @@ def test_a_soft_capped_head_scores_against_full_logits(tiny_tokenizer):
     assert lm.unembedding() is None
     ids = windows(lm)
     clean = clean_pass(lm, LAST, ids)
-    g = torch.Generator().manual_seed(1)
-    replacement = clean.activations + 0.5 * torch.randn(clean.activations.shape, generator=g,
-                                                        dtype=torch.float64)
+    replacement = perturbed(clean.activations)
     ce, kl = spliced_loss(lm, LAST, clean, replacement)
 
     def put(x):
