@@ -236,7 +236,7 @@ def run_saelab(pool: Tensor, plan: Plan, architecture: str = "topk") -> dict[str
     data = TrainingData(pool.reshape(-1, D_MODEL))
     trainer = saelab.Trainer(config, data)
     if architecture == "relu":
-        relu_at_l0(trainer.sae, pool[0, :1024] * data.norm_scale, K)
+        relu_at_l0(trainer.sae, pool[0, :1024] * data.input_scale, K)
     per_epoch = max(1, data.n // config.batch_size)
     watch, step_s, batch_s = CpuWatch(), [], []
     while trainer.steps_done < n_total:
@@ -576,7 +576,7 @@ def profile_step(pool: Tensor, plan: Plan, top: int = 25) -> dict[str, Any]:
 
     data = TrainingData(pool.reshape(-1, D_MODEL))
     trainer = saelab.Trainer(saelab_config(plan.warmup + min(plan.steps, 5)), data)
-    xs = [b * data.norm_scale for b in pool]
+    xs = [b * data.input_scale for b in pool]
 
     def run(n: int) -> float:
         t0 = time.perf_counter()

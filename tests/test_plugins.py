@@ -97,7 +97,7 @@ def test_registration_takes_the_name_from_the_class():
 
 def test_the_config_asks_the_class_what_it_needs():
     with pytest.raises(sl.SaelabError, match="needs 0 < k < n_latents"):
-        config(k=None)
+        config(k=0)
     with pytest.raises(sl.SaelabError, match="unknown SAE architecture 'no_such'") as err:
         config(architecture="no_such")
     assert CappedReLU.architecture in str(err.value) and "topk" in str(err.value)

@@ -306,8 +306,13 @@ def weights(folder):
     return load_file(str(folder / "sae_weights.safetensors"))
 
 
-def test_kill_and_resume_gives_identical_weights(store, tmp_path):
+@pytest.mark.parametrize("steered", [False, True])
+def test_kill_and_resume_gives_identical_weights(store, tmp_path, steered):
+    """Also for a ReLU run steered to a target L0: the controller's state is in the
+    checkpoint, or the resumed run's coefficients (and weights) would differ."""
     steps = ["--tokens", "100000"]  # 1000 steps
+    if steered:
+        steps += ["--architecture", "relu", "--target-l0", "8"]
     assert train_cli(store, tmp_path / "whole", *steps).wait() == 0
     run = train_cli(store, tmp_path / "killed", *steps)
     checkpoint = tmp_path / "killed" / "checkpoint.pt"
@@ -325,6 +330,11 @@ def test_kill_and_resume_gives_identical_weights(store, tmp_path):
     steps_logged = [int(line.split('"step": ')[1].split(",")[0]) for line in
                     (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == sorted(set(steps_logged))  # no step logged twice
+    if steered:
+        def coefs(run):
+            return [json.loads(line)["sparsity_coef"] for line in
+                    (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert coefs("killed") == coefs("whole") and len(set(coefs("whole"))) > 10
 
 
 def free_port() -> str:

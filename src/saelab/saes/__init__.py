@@ -1,10 +1,17 @@
 """SAE architectures on one small base class, registered by name (plug-ins welcome)."""
 
-from saelab.saes.base import REGISTRY, SAE, LossOutput, architecture, register_architecture
+from saelab.saes.base import (
+                              REGISTRY,
+                              SAE,
+                              LossOutput,
+                              SparsityControl,
+                              architecture,
+                              register_architecture,
+)
 from saelab.saes.batchtopk import BatchTopKSAE
 from saelab.saes.jumprelu import JumpReluSAE
 from saelab.saes.relu import ReluSAE
 from saelab.saes.topk import TopKSAE
 
 __all__ = ["REGISTRY", "SAE", "BatchTopKSAE", "JumpReluSAE", "LossOutput", "ReluSAE",
-           "TopKSAE", "architecture", "register_architecture"]
+           "SparsityControl", "TopKSAE", "architecture", "register_architecture"]

@@ -45,6 +45,22 @@ class LossOutput:
                    terms)
 
 
+@dataclass(frozen=True)
+class SparsityControl:
+    """How a target-L0 controller steers a class's sparsity coefficient: the range it keeps
+    the coefficient in and its rates (per step, the coefficient moves by rate x (high -
+    max(low, 0)) x the clamped log-L0 error x the learning rate's share of its peak,
+    `rate_up` when the L0 is above where it should be, `rate_down` when below)."""
+
+    low: float
+    high: float
+    rate_up: float = 0.0025
+    rate_down: float = 0.0025
+    lr_scales: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multipliers, by parameter name, that the parameters the coefficient acts
+    through need to follow it (the rest train at the run's rate)."""
+
+
 def register_architecture(cls: type[SAE]) -> type[SAE]:
     """Make an SAE class trainable, saveable and loadable under its `architecture` name
     (usable as a class decorator). Registering the same class again does nothing; another
@@ -160,6 +176,13 @@ class SAE(nn.Module):
         self.W_dec.copy_(W_LD)
         self.W_enc.copy_(W_LD.T)
         return self
+
+    @classmethod
+    def sparsity_control(cls, d_model: int, l0: float) -> SparsityControl | None:
+        """How a target-L0 controller may steer this class's sparsity coefficient at mean L0
+        `l0`, on inputs scaled to a centred mean squared norm of d_model; None when the class
+        has no coefficient to steer."""
+        return None
 
     def init_from_data(self, x_BD: Tensor, *, l0: float | None) -> None:
         """Start from a sample of the (normalised) training data, when `needs_data_init`;

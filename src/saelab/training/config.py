@@ -23,9 +23,14 @@ class TrainConfig:
     saelab.register_architecture."""
     n_latents: int = 4096
     """Dictionary size."""
-    k: int | None = 32
+    k: int | None = None
     """Active latents per token: topk's k, batchtopk's average, jumprelu's starting L0 (its
-    thresholds start where each latent fires on k / n_latents of the data). Unused by relu."""
+    thresholds start where each latent fires on k / n_latents of the data). Unused by relu.
+    Default: --target-l0 when given, else 32."""
+    target_l0: float | None = None
+    """L0 to end at. relu, jumprelu: the sparsity coefficient starts at --sparsity-coef and a
+    controller then moves it until the L0 is this (its final value goes to config.json and
+    cfg.json); topk, batchtopk: this is k."""
     tokens: int = 1_000_000
     """Training tokens (activation rows) in all; the store is re-read when it is shorter."""
     batch_size: int = 4096
@@ -38,9 +43,11 @@ class TrainConfig:
     """Final fraction of training over which the learning rate decays linearly to 0."""
     sparsity_coef: float | None = None
     """L1 (relu) or L0 (jumprelu) coefficient, on normalised inputs; default: the
-    architecture's own (relu 5.0, jumprelu 1.0)."""
-    sparsity_warmup_steps: int = 500
-    """Steps over which the sparsity coefficient ramps up from 0 (relu, jumprelu)."""
+    architecture's own (relu 5.0, jumprelu 1.0). With --target-l0, where the controller
+    starts."""
+    sparsity_warmup_steps: int | None = None
+    """Steps over which the sparsity coefficient ramps up from 0 (relu, jumprelu); default a
+    twentieth of the run's steps."""
     dead_tokens: int = 1_000_000
     """A latent that has not fired for this many tokens counts as dead (AuxK revives them)."""
     b_dec_init: Literal["mean", "median", "zero"] = "mean"
@@ -58,6 +65,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         cls = self.sae_class()
+        self._resolve_k(cls)
         fields = {f.name for f in dataclasses.fields(self)}
         unknown = [name for name in cls.hyperparameter_names if name not in fields]
         if unknown:
@@ -77,9 +85,38 @@ class TrainConfig:
                                   expected=">= 1", found=str(getattr(self, name)),
                                   fix="pass a positive number")
 
+    def _resolve_k(self, cls: type[SAE]) -> None:
+        """k from --target-l0 where the architecture's L0 is k; a target the architecture
+        cannot follow is refused."""
+        target = self.target_l0
+        if target is not None and not target > 0:
+            raise SaelabError("--target-l0 must be positive", expected="> 0",
+                              found=str(target), fix="pass the mean active latents per token")
+        steered = target is not None and cls.sparsity_control(1, target) is not None
+        k_is_l0 = "k" in cls.hyperparameter_names and not steered
+        if target is not None and not k_is_l0 and not steered:
+            raise SaelabError(f"architecture {self.architecture} cannot follow --target-l0",
+                              expected="an architecture with a k, or whose class gives a "
+                              "sparsity_control", found="neither", fix="drop --target-l0")
+        if target is not None and k_is_l0:
+            if self.k is not None and self.k != round(target):
+                raise SaelabError(f"{self.architecture}'s L0 is k, and --k and --target-l0 "
+                                  "differ", expected=f"k {round(target)} (or no --k)",
+                                  found=f"k {self.k}", fix="pass one of the two")
+            object.__setattr__(self, "k", round(target))
+        elif self.k is None:
+            object.__setattr__(self, "k", round(target) if target is not None else 32)
+
     @property
     def steps(self) -> int:
         return max(1, self.tokens // self.batch_size)
+
+    @property
+    def sparsity_ramp_steps(self) -> int:
+        """Steps of the sparsity coefficient's ramp (--sparsity-warmup-steps or 5 %)."""
+        if self.sparsity_warmup_steps is not None:
+            return max(1, self.sparsity_warmup_steps)
+        return max(1, self.steps // 20)
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.n_latents / 2**14)

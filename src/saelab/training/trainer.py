@@ -1,10 +1,12 @@
 """Training: `train(config, source, out)` -> a trained SAE, built from a `Trainer`.
 
 One step (`Trainer.step`): the architecture's loss on this rank's rows of the global batch
-(normalised to mean squared norm d_model), gradients averaged over ranks, the class's
-`before_step` (unit-norm rows: the radial part of their gradient removed), Adam, the class's
-`after_step` (rows renormalised, thresholds clamped, ...), and the dead-latent tracker. The
-trainer never asks which architecture it trains: the class says (`saes.base`).
+(scaled so their mean squared distance from the mean is d_model: `TrainingData.input_scale`)
+with the step's sparsity coefficient (`sparsity`: a ramp, then fixed or steered to a target
+L0), gradients averaged over ranks, the class's `before_step` (unit-norm rows: the radial part
+of their gradient removed), Adam, the class's `after_step` (rows renormalised, thresholds
+clamped, ...), the dead-latent tracker, and the run's warnings (`monitor`). The trainer never
+asks which architecture it trains: the class says (`saes.base`).
 
 `train` adds the loop, metrics.jsonl, and checkpoints: every `checkpoint_every` steps the
 whole state goes to `checkpoint.pt` atomically, so a killed run started again with the same
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from saelab.activations import ActivationStore
@@ -30,12 +32,16 @@ from saelab.distributed import World, join_world
 from saelab.errors import SaelabError
 from saelab.evals.metrics import fvu
 from saelab.formats import load_sae, write_sae
-from saelab.io import atomic_write, record_run
+from saelab.io import atomic_write, read_json, record_run, write_json
+from saelab.reports.training import read_metrics, training_curves
 from saelab.saes import SAE
 from saelab.training.config import TrainConfig
 from saelab.training.data import TrainingData
+from saelab.training.monitor import RunMonitor
+from saelab.training.sparsity import SparsitySchedule
 
-CHECKPOINT, CONFIG, METRICS = "checkpoint.pt", "config.json", "metrics.jsonl"
+CHECKPOINT, CONFIG, METRICS, CURVES = ("checkpoint.pt", "config.json", "metrics.jsonl",
+                                      "curves.png")
 _INIT_ROWS = 4096  # rows of data an architecture's data-dependent start sees
 
 
@@ -53,17 +59,27 @@ class Trainer:
                   **{name: getattr(config, name) for name in cls.hyperparameter_names})
         sae.init_random(config.seed)
         with torch.no_grad():
-            sae.b_dec.copy_(_initial_b_dec(config, data) * data.norm_scale)
+            sae.b_dec.copy_(_initial_b_dec(config, data) * data.input_scale)
         if cls.needs_data_init:
-            sae.init_from_data(self._sample(_INIT_ROWS).to(self.device) * data.norm_scale,
+            sae.init_from_data(self._sample(_INIT_ROWS).to(self.device) * data.input_scale,
                                l0=config.k)
         self.sae = sae.train()
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=config.learning_rate(),
-                                          fused=True)
+        control = (cls.sparsity_control(data.d_model, config.target_l0)
+                   if config.target_l0 is not None else None)
+        scales = control.lr_scales if control is not None else {}
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, param in sae.named_parameters():
+            groups.setdefault(scales.get(name, 1.0), []).append(param)
+        self.optimizer = torch.optim.Adam(
+            [{"params": params, "lr_scale": scale} for scale, params in groups.items()],
+            lr=config.learning_rate(), fused=True)
         self.steps_done = 0
+        self.sparsity = SparsitySchedule(config.sparsity(), config.sparsity_ramp_steps,
+                                         config.target_l0, config.steps, control)
+        self.monitor = RunMonitor(config)
         self.since_fired_L = torch.zeros(config.n_latents, dtype=torch.long,
                                          device=self.device)  # tokens since each last fired
-        self.variance = data.variance * data.norm_scale**2  # loss scale: FVU-sized numbers
+        self.variance = data.variance * data.input_scale**2  # loss scale: FVU-sized numbers
 
     def batch(self, index: np.ndarray) -> Tensor:
         """This rank's rows of the global batch `index`, checked finite and normalised."""
@@ -76,17 +92,17 @@ class Trainer:
                               found=f"a non-finite value in row {bad}",
                               fix="re-create the store with `saelab cache` (it checks every "
                               "shard)")
-        return x_BD * self.data.norm_scale
+        return x_BD * self.data.input_scale
 
-    def step(self, x_BD: Tensor) -> dict[str, float]:
+    def step(self, x_BD: Tensor) -> dict[str, Any]:
         """One optimiser step on normalised rows; returns the step's metrics."""
         config, sae, step = self.config, self.sae, self.steps_done
         dead_L = self.since_fired_L >= config.dead_tokens
-        ramp = min(1.0, (step + 1) / max(1, config.sparsity_warmup_steps))
-        out = sae.loss(x_BD, sparsity_coef=config.sparsity() * ramp, dead_L=dead_L)
+        coef = self.sparsity.coef(step)
+        out = sae.loss(x_BD, sparsity_coef=coef, dead_L=dead_L)
         lr = _lr(config, step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         self.optimizer.zero_grad(set_to_none=True)  # backward's tensors become the grads
         (out.loss / self.variance).backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in sae.parameters()]
@@ -98,26 +114,43 @@ class Trainer:
         sae.after_step()
         with torch.no_grad():
             fired_L = out.fired.to(torch.float32)
-            self.world.all_reduce_mean_([fired_L])
+            l0_ = out.l0.detach().to(torch.float32).reshape(1)  # every rank steers alike
+            self.world.all_reduce_mean_([fired_L, l0_])
             self.since_fired_L = torch.where(fired_L > 0, 0,
                                              self.since_fired_L + config.batch_size)
         self.steps_done += 1
-        return {"step": step + 1, "tokens": (step + 1) * config.batch_size,
-                "loss": float(out.loss.detach()),
-                **{k: float(v.detach()) for k, v in out.terms.items()},
-                "fvu": fvu(x_BD.detach(), out.x_hat.detach()), "l0": float(out.l0),
-                "dead_fraction": float(dead_L.float().mean()), "lr": lr}
+        l0, step_fvu = float(l0_), fvu(x_BD.detach(), out.x_hat.detach())
+        self.sparsity.observe(step + 1, l0, step_fvu, lr / config.learning_rate())
+        metrics = {"step": step + 1, "tokens": (step + 1) * config.batch_size,
+                   "loss": float(out.loss.detach()),
+                   **{k: float(v.detach()) for k, v in out.terms.items()},
+                   "fvu": step_fvu, "l0": l0,
+                   "dead_fraction": float(dead_L.float().mean()), "lr": lr,
+                   "sparsity_coef": coef}
+        warnings = self.monitor.observe(metrics)
+        return {**metrics, "warnings": warnings} if warnings else metrics
+
+    def outcome(self) -> dict[str, Any]:
+        """What the run ends with beyond its weights: the sparsity coefficient it used last
+        (the controller's, with a target L0) and the monitor's advice, if any."""
+        out: dict[str, Any] = {"warnings": self.monitor.advice()}
+        if self.sparsity.start > 0 or self.sparsity.controller is not None:
+            out["sparsity_coef"] = self.sparsity.coef(self.steps_done)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs (a checkpoint)."""
         return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "step": self.steps_done, "since_fired": self.since_fired_L}
+                "step": self.steps_done, "since_fired": self.since_fired_L,
+                "sparsity": self.sparsity.state_dict(), "monitor": self.monitor.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps_done = int(state["step"])
         self.since_fired_L = state["since_fired"].to(self.device)
+        self.sparsity.load_state_dict(state.get("sparsity", {}))
+        self.monitor.load_state_dict(state.get("monitor", {}))
 
     def _sample(self, n: int) -> Tensor:
         """A seeded sample of up to n rows, in store order."""
@@ -151,12 +184,18 @@ def train(config: TrainConfig, source: ActivationStore | Tensor, out: str | Path
         _truncate_metrics(folder / METRICS, trainer.steps_done)
     _loop(trainer, folder)
     sae = trainer.sae.eval()
-    sae.fold_input_scale(data.norm_scale)
+    sae.fold_input_scale(data.input_scale)
     if isinstance(source, ActivationStore):
         sae.site, sae.model = source.site, source.model
+    outcome = trainer.outcome()
     if folder is not None and world.is_main:
         write_sae(sae, folder, metadata={"training_tokens": config.steps * config.batch_size,
-                                         "saelab_config": asdict(config)})
+                                         "saelab_config": asdict(config), **outcome})
+        run = read_json(folder / CONFIG)
+        write_json(folder / CONFIG, {**run, "outcome": outcome})
+        if (folder / METRICS).is_file():
+            training_curves({config.architecture: read_metrics(folder / METRICS)},
+                            folder / CURVES, title=str(folder), target_l0=config.target_l0)
         (folder / CHECKPOINT).unlink(missing_ok=True)
     world.barrier()
     return sae
@@ -191,7 +230,10 @@ def _loop(trainer: Trainer, folder: Path | None) -> None:
             bar.update(config.batch_size)
             if step % config.log_every == 0 or step == config.steps:
                 tps = (step - start_step) * config.batch_size / (time.perf_counter() - start)
-                bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}")
+                postfix = {"fvu": f"{metrics['fvu']:.3f}", "l0": f"{metrics['l0']:.1f}"}
+                if "warnings" in metrics:
+                    postfix["warn"] = ",".join(metrics["warnings"])
+                bar.set_postfix(postfix)
                 if folder is not None and world.is_main:
                     _log(folder, {**metrics, "tokens_per_s": tps})
             if folder is not None and step % config.checkpoint_every == 0:
@@ -239,12 +281,5 @@ def _truncate_metrics(path: Path, step: int) -> None:
     run logs those steps again."""
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:  # the last line, cut by a kill mid-write
-            break
-        if entry["step"] <= step:
-            kept.append(line)
+    kept = [json.dumps(entry) for entry in read_metrics(path) if entry["step"] <= step]
     atomic_write(path, lambda f: f.write("".join(ln + "\n" for ln in kept).encode()))
