@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS = (("fvu", "FVU", "log"), ("l0", "L0", "log"), ("dead_fraction", "dead fraction",
                                                         "linear"),
-          ("sparsity_coef", "sparsity coefficient", "symlog"))
+          ("sparsity_coef", "sparsity coefficient", "linear"))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
