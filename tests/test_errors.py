@@ -512,6 +512,16 @@ class OddSettingsSAE(TopKSAE):
     hyperparameter_names = ("k", "width_mult")
 
 
+class UnsteeredSAE(TopKSAE):
+    """An architecture with neither a k nor a sparsity control: nothing to steer its L0."""
+
+    architecture = "test_errors_unsteered"
+    hyperparameter_names = ()
+
+    def __init__(self, d_model: int, n_latents: int, **kw: Any) -> None:
+        super().__init__(d_model, n_latents, k=4, **kw)
+
+
 def register(cls: type) -> Callable[[Ctx], None]:
     return lambda c: c.mp.setitem(REGISTRY, cls.architecture, cls)
 
@@ -780,6 +790,13 @@ CASES: dict[str, Cli | Py] = {
         Cli(lambda c: train_argv(c, "--k", "128")),
     "training/config.py::TrainConfig.__post_init__::--{} must be positive":
         Cli(lambda c: train_argv(c, "--batch-size", "0")),
+    "training/config.py::TrainConfig._resolve_k::--target-l0 must be positive":
+        Cli(lambda c: train_argv(c, "--target-l0", "0")),
+    "training/config.py::TrainConfig._resolve_k::architecture {} cannot follow --target-l0":
+        Cli(lambda c: train_argv(c, "--architecture", "test_errors_unsteered", "--target-l0",
+                                 "8"), patch=register(UnsteeredSAE)),
+    "training/config.py::TrainConfig._resolve_k::{}'s L0 is k, and --k and --target-l0 differ":
+        Cli(lambda c: train_argv(c, "--target-l0", "8")),
     "training/data.py::TrainingData.__init__::training activations hold NaN or inf":
         Py(lambda c: TrainingData(torch.full((4, D), float("nan")))),
     "training/data.py::TrainingData.__init__::cannot train on this":
