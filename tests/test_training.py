@@ -355,3 +355,20 @@ def test_two_processes_match_one(store, tmp_path):
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for key in a:
         assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_batchtopk_calibrates_its_threshold_to_k_per_token():
+    """`calibrate` sets the threshold to the (k N)-th largest pre-activation of N rows (a
+    brute-force top-k over all of them is the reference), and a trained SAE fires k latents
+    per token at inference on the data it was calibrated on, within sampling error."""
+    sae = random_sae(BatchTopKSAE, k=5)
+    x = torch.randn(200, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    sae.calibrate(x)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    assert sae.threshold.item() == pre.flatten().topk(5 * 200).values[-1].item()
+    x, _ = planted_data(n_rows=20_000)
+    cfg = sl.TrainConfig(architecture="batchtopk", n_latents=128, k=4, tokens=200_000,
+                         batch_size=500, lr=3e-3)
+    trained = sl.train(cfg, x)
+    l0 = (trained.encode(x[:8000]) > 0).sum(1).float().mean().item()
+    assert l0 == pytest.approx(4, rel=0.05)

@@ -189,6 +189,12 @@ class SAE(nn.Module):
         `l0` is the mean number of active latents training should start near, if given."""
 
     @torch.no_grad()
+    def calibrate(self, x_BD: Tensor) -> None:
+        """Called once when training ends, on a sample of the (normalised) training data:
+        an architecture whose inference differs from its training step sets what inference
+        needs here (BatchTopK: its threshold)."""
+
+    @torch.no_grad()
     def before_step(self) -> None:
         """Called between the backward pass and the optimiser step. With unit-norm decoder
         rows, removes each row's gradient along the row (it could only change its norm)."""

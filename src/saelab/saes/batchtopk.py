@@ -1,7 +1,8 @@
 """BatchTopK SAE (Bussmann, Leask & Nanda 2024): in training, the k x batch largest
 activations across the whole batch; at inference, one global threshold, which makes it a
-JumpReLU SAE (as SAELens saves it). The threshold is not learned: it is an exponential
-moving average, over training steps, of the smallest activation each step kept."""
+JumpReLU SAE (as SAELens saves it). The threshold is not learned: while training it is an
+exponential moving average, over steps, of the smallest activation each step kept; when
+training ends it is set from a sample of the data (`calibrate`)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,18 @@ class BatchTopKSAE(SAE):
                                                      low))
         dec_BD, _, count_B = autoencode(self, xc_BD, code)
         return sparse_loss(self, x_BD, xc_BD, dec_BD, code, count_B, dead_L)
+
+    @torch.no_grad()
+    def calibrate(self, x_BD: Tensor) -> None:
+        """The threshold at which the trained encoder keeps k x N of the sample's N rows'
+        pre-activations, as a training step keeps k x batch of its own: the moving average
+        of each step's smallest kept activation lags a threshold that drifts as the encoder
+        trains (on Gemma 3 270M it ended 20 % high, and the SAE fired 25.5 latents per token
+        instead of 32)."""
+        code = top_k_of_batch(pre_activations(self, centred(self, x_BD)), self.k * len(x_BD))
+        kept = code.acts[code.acts > 0]
+        if kept.numel():
+            self.threshold.copy_(kept.min())
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

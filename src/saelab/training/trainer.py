@@ -42,7 +42,7 @@ from saelab.training.sparsity import SparsitySchedule
 
 CHECKPOINT, CONFIG, METRICS, CURVES = ("checkpoint.pt", "config.json", "metrics.jsonl",
                                       "curves.png")
-_INIT_ROWS = 4096  # rows of data an architecture's data-dependent start sees
+_SAMPLE_ROWS = 4096  # rows of data an architecture's data-dependent start and calibration see
 
 
 class Trainer:
@@ -61,7 +61,7 @@ class Trainer:
         with torch.no_grad():
             sae.b_dec.copy_(_initial_b_dec(config, data) * data.input_scale)
         if cls.needs_data_init:
-            sae.init_from_data(self._sample(_INIT_ROWS).to(self.device) * data.input_scale,
+            sae.init_from_data(self.sample(_SAMPLE_ROWS).to(self.device) * data.input_scale,
                                l0=config.k)
         self.sae = sae.train()
         control = (cls.sparsity_control(data.d_model, config.target_l0)
@@ -152,8 +152,8 @@ class Trainer:
         self.sparsity.load_state_dict(state.get("sparsity", {}))
         self.monitor.load_state_dict(state.get("monitor", {}))
 
-    def _sample(self, n: int) -> Tensor:
-        """A seeded sample of up to n rows, in store order."""
+    def sample(self, n: int) -> Tensor:
+        """A seeded sample of up to n raw rows, in store order (the same on every rank)."""
         rng = np.random.default_rng(self.config.seed)
         return self.data.rows(np.sort(rng.choice(self.data.n, min(self.data.n, n),
                                                  replace=False)))
@@ -184,6 +184,7 @@ def train(config: TrainConfig, source: ActivationStore | Tensor, out: str | Path
         _truncate_metrics(folder / METRICS, trainer.steps_done)
     _loop(trainer, folder)
     sae = trainer.sae.eval()
+    sae.calibrate(trainer.sample(_SAMPLE_ROWS).to(trainer.device) * data.input_scale)
     sae.fold_input_scale(data.input_scale)
     if isinstance(source, ActivationStore):
         sae.site, sae.model = source.site, source.model
