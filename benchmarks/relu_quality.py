@@ -161,18 +161,18 @@ def evaluate(reconstruct: Reconstruct, x_ND: Tensor) -> dict[str, float]:
     """FVU (sum of squared errors over the sum of squared distances from the sample's mean,
     float64), L0 (mean non-zero codes per row) and the fraction of latents that never fire on
     the sample."""
-    sq_err, l0_sum, fired_L = 0.0, 0.0, None
+    from saelab.evals.metrics import ReconstructionMetrics  # saelab's one FVU
+
+    metrics, l0_sum, fired_L = ReconstructionMetrics(), 0.0, None
     for x_BD in x_ND.split(EVAL_CHUNK):
         codes_BL, x_hat_BD = reconstruct(x_BD)
-        sq_err += float((x_BD.double() - x_hat_BD.double()).pow(2).sum())
+        metrics.update(x_BD, x_hat_BD)
         nonzero_BL = codes_BL != 0
         l0_sum += float(nonzero_BL.sum())
         fired = nonzero_BL.any(dim=0)
         fired_L = fired if fired_L is None else fired_L | fired
-    x64 = x_ND.double()
-    total = float((x64 - x64.mean(dim=0)).pow(2).sum())
     assert fired_L is not None
-    return {"fvu": sq_err / total, "l0": l0_sum / len(x_ND),
+    return {"fvu": metrics.fvu, "l0": l0_sum / len(x_ND),
             "dead_fraction": float((~fired_L).float().mean()), "eval_rows": len(x_ND)}
 
 

@@ -28,6 +28,7 @@ import torch
 
 import saelab
 from common import environment, finish, render_table, write_json
+from saelab.evals.metrics import fvu
 from saelab.io import read_json
 from saelab.reports.training import read_metrics, training_curves
 
@@ -39,12 +40,11 @@ def evaluate(sae: saelab.SAE, store: saelab.ActivationStore) -> dict[str, float]
     """FVU and L0 of `sae` (which takes raw activations) on a fixed sample of the store."""
     rng = np.random.default_rng(0)
     index = np.sort(rng.choice(len(store), min(SAMPLE, len(store)), replace=False))
-    x_ND = store.rows(index).double()
+    x_ND = store.rows(index)
     with torch.no_grad():
-        codes_NL = sae.encode(x_ND.float())
-        x_hat_ND = sae.decode(codes_NL).double()
-    fvu = float((x_ND - x_hat_ND).pow(2).sum() / (x_ND - x_ND.mean(0)).pow(2).sum())
-    return {"fvu": fvu, "l0": float((codes_NL > 0).sum(1).float().mean())}
+        codes_NL = sae.encode(x_ND)
+        x_hat_ND = sae.decode(codes_NL)
+    return {"fvu": fvu(x_ND, x_hat_ND), "l0": float((codes_NL > 0).sum(1).float().mean())}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
