@@ -1,12 +1,12 @@
 """SAE architectures on one small base class, registered by name (plug-ins welcome)."""
 
 from saelab.saes.base import (
-                              REGISTRY,
-                              SAE,
-                              LossOutput,
-                              SparsityControl,
-                              architecture,
-                              register_architecture,
+    REGISTRY,
+    SAE,
+    LossOutput,
+    SparsityControl,
+    architecture,
+    register_architecture,
 )
 from saelab.saes.batchtopk import BatchTopKSAE
 from saelab.saes.jumprelu import JumpReluSAE

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from saelab.saes.base import SAE, LossOutput, SparsityControl, register_architecture
 from saelab.saes.sparse import autoencode, centred, fired, jumprelu_entries, pre_activations
 
-BANDWIDTH = 0.1  # epsilon, on inputs normalised to mean squared norm d_model
+BANDWIDTH = 0.1  # epsilon, on inputs scaled to a centred mean squared norm of d_model
 
 
 def _rectangle(u: Tensor) -> Tensor:
@@ -52,7 +52,7 @@ class _Step(torch.autograd.Function):
 @register_architecture
 class JumpReluSAE(SAE):
     architecture = "jumprelu"
-    default_sparsity_coef = 1.0  # on inputs normalised to mean squared norm d_model
+    default_sparsity_coef = 1.0  # on inputs scaled to a centred mean squared norm of d_model
     needs_data_init = True
     saelens_architecture = "jumprelu"
 

@@ -17,7 +17,7 @@ INIT_NORM = 0.1  # decoder rows' (and encoder columns') starting norm
 class ReluSAE(SAE):
     architecture = "relu"
     unit_norm_decoder = False  # the L1 term is weighted by the rows' norms instead
-    default_sparsity_coef = 5.0  # on inputs normalised to mean squared norm d_model
+    default_sparsity_coef = 5.0  # on inputs scaled to a centred mean squared norm of d_model
     saelens_architecture = "standard"
 
     def activation(self, pre_BL: Tensor) -> Tensor:
