@@ -49,7 +49,7 @@ class RunMonitor:
         self.fvu.append(metrics["fvu"])
         self.l0.append(metrics["l0"])
         step, now = int(metrics["step"]), []
-        collapse = self._collapse(step)
+        collapse = self._collapse()
         if collapse is not None:
             now.append("collapse")
             self.raised.setdefault("collapse", {"step": step, **collapse,
@@ -60,7 +60,7 @@ class RunMonitor:
                                             "dead_fraction": metrics["dead_fraction"]})
         return now
 
-    def _collapse(self, step: int) -> dict[str, float] | None:
+    def _collapse(self) -> dict[str, float] | None:
         if len(self.fvu) < self.window:
             return None
         q = max(1, self.window // 4)

@@ -69,7 +69,7 @@ class L0Controller:
         done = min(1.0, step / self.reference_steps)
         return start + done * (math.log(self.target) - start)
 
-    def update(self, step: int, l0: float, fvu: float, pace: float = 1.0) -> None:
+    def update(self, step: int, l0: float, fvu: float, pace: float) -> None:
         """After the `step`-th controlled step (0 the first after the warm-up), from its L0
         and FVU; `pace` is the step's learning rate over the run's peak rate."""
         x = math.log(max(l0, 1e-3))
