@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 from saelab.activations import ActivationStore
 from saelab.config import Verb
 from saelab.io import read_json
+from saelab.reports.training import read_metrics
 from saelab.saes import SAE
 from saelab.training import TrainConfig, train
 
@@ -45,10 +45,9 @@ def run_train(cmd: TrainCommand) -> Trained:
     start = time.perf_counter()
     sae = train(cmd.train_config(), ActivationStore(cmd.activations), cmd.out)
     metrics = cmd.out / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    lines = read_metrics(metrics) if metrics.is_file() else []
     outcome = read_json(cmd.out / "config.json").get("outcome", {})
-    return Trained(sae, cmd, json.loads(lines[-1]) if lines else {},
-                   time.perf_counter() - start, outcome)
+    return Trained(sae, cmd, lines[-1] if lines else {}, time.perf_counter() - start, outcome)
 
 
 def train_summary(result: Trained) -> list[str]:
