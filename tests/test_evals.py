@@ -239,7 +239,7 @@ def test_sweep_against_float64_losses_and_python_set_overlaps(lm64):
     sae = TopKSAE(64, 96, k=4, dtype=torch.float64).init_random(seed=0)
     ids = windows(lm64, n=4, t=10, seed=5)
     specs = [CoderSpec("encoder"), CoderSpec("gp", 4), CoderSpec("omp", 4)]
-    out = run_sweep(lm64, sae, LAST, ids.numpy(), specs, matched_k=4, batch_tokens=20)
+    out = run_sweep(lm64, sae, LAST, ids.numpy(), specs, matched_k=4, batch_tokens=20).results
     x_BD = lm64.read(ids, [LAST])[LAST][:, 1:].reshape(-1, 64).float()
     codes = [sl.decompose(x_BD, sae, spec.coder, k=spec.k) for spec in specs]
     clean_ce, zero_ce, _ = reference_losses(lm64, ids, torch.zeros(4, 9, 64, dtype=torch.float64))

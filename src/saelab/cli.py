@@ -20,6 +20,7 @@ from saelab.verbs import (
     demo,
     info,
     sites,
+    study,
     synth,
     toy,
     train,
@@ -30,7 +31,7 @@ VERBS: dict[str, Verb] = {
     "cache": cache.VERB, "sites": sites.VERB, "train": train.VERB,
     "decompose": decompose.VERB, "info": info.VERB, "convert": convert.VERB,
     "evaluate": compare.EVALUATE, "compare": compare.COMPARE, "dashboard": dashboard.VERB,
-    "synth": synth.VERB, "demo": demo.VERB,
+    "synth": synth.VERB, "study": study.VERB, "demo": demo.VERB,
 }
 
 # Verbs with sub-verbs: `saelab toy tms ...`: (the group's help, its verbs).

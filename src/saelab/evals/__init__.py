@@ -7,17 +7,23 @@ from saelab.evals.comparison import (
     EvaluateConfig,
     compare,
     corpus_windows,
+    read_comparison,
+    score_dictionary,
     site_activations,
 )
+from saelab.evals.intervals import Interval, interval, paired_difference, resample_counts
 from saelab.evals.latents import DashboardConfig, latent_dashboard
 from saelab.evals.metrics import LatentUsage, ReconstructionMetrics, fvu
 from saelab.evals.overlap import jaccard, order_cosines, top_kept
 from saelab.evals.splice import CleanPass, clean_pass, spliced_loss
 from saelab.evals.store_codes import check_sae_fits_store, coded_batches
-from saelab.evals.sweep import CoderSpec, plan, run_sweep
+from saelab.evals.sweep import CODER_NAMES, CoderName, CoderSpec, plan, run_sweep
+from saelab.evals.windows import METRICS, load_columns
 
-__all__ = ["CleanPass", "CoderSpec", "CompareConfig", "DashboardConfig", "EvaluateConfig",
-           "LatentUsage", "ReconstructionMetrics", "check_sae_fits_store", "clean_pass",
-           "coded_batches", "compare", "corpus_windows", "fvu", "jaccard", "latent_dashboard",
-           "order_cosines", "plan", "run_sweep", "site_activations", "spliced_loss",
-           "top_kept"]
+__all__ = ["CODER_NAMES", "METRICS", "CleanPass", "CoderName", "CoderSpec", "CompareConfig",
+           "DashboardConfig", "EvaluateConfig", "Interval", "LatentUsage",
+           "ReconstructionMetrics", "check_sae_fits_store", "clean_pass", "coded_batches",
+           "compare", "corpus_windows", "fvu", "interval", "jaccard", "latent_dashboard",
+           "load_columns", "order_cosines", "paired_difference", "plan", "read_comparison",
+           "resample_counts", "run_sweep", "score_dictionary", "site_activations",
+           "spliced_loss", "top_kept"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from saelab.coding import PURSUIT_METHODS, Coder, Method, fit_scale
+from saelab.coding import PURSUIT_METHODS, Coder, fit_scale
 from saelab.corpus import BUILTIN_CORPUS, iter_documents, token_windows
 from saelab.errors import SaelabError
-from saelab.evals.sweep import CoderSpec, plan, run_sweep
+from saelab.evals.sweep import CoderName, CoderSpec, plan, run_sweep
+from saelab.evals.windows import save_columns
 from saelab.formats import load_sae
 from saelab.io import read_json, record_run, to_json, write_json
 from saelab.lm import EMBEDDED_MODEL, LanguageModel, load_model
@@ -30,6 +32,7 @@ from saelab.saes import SAE
 
 log = logging.getLogger(__name__)
 RESULTS = "results.json"
+WINDOWS = "windows.npz"  # the per-window sums the intervals were drawn from
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,8 +59,6 @@ class EvalOptions:
     """Held-out tokens before the evaluated ones: the encoder-scaled fit and the encoder's L0."""
     batch_tokens: int = 1024
     """Tokens per forward pass (the clean log-probs of a batch are kept for the KL)."""
-    nonnegative: bool = False
-    """Keep latent activations >= 0 in the pursuits and the refit (as the encoder's are)."""
     device: str = "cpu"
     """Device for the model, the SAE and the coders (cpu, cuda, cuda:1, ...)."""
     seed: int = 0
@@ -66,18 +67,19 @@ class EvalOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class CompareConfig(EvalOptions):
-    coders: tuple[Method, ...] = ("encoder", "encoder-refit", "encoder-scaled", "mp", "gp",
-                                  "omp")
-    """Coders to compare."""
+    coders: tuple[CoderName, ...] = ("encoder", "encoder-refit", "encoder-scaled", "nn-mp",
+                                     "nn-gp", "nn-omp")
+    """Coders to compare; `nn-` first: the non-negative variant (activations >= 0, as the
+    encoder's and as in the Gated SAE paper's ITO), without: signed."""
     k: tuple[int, ...] = (8, 16, 32, 64)
     """L0s to sweep the pursuits over; each pursuit also runs at the encoder's own L0."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateConfig(EvalOptions):
-    coder: Method = "encoder"
+    coder: CoderName = "encoder"
     """Coder: the SAE's encoder, its support refitted, its code rescaled, or matching /
-    gradient / orthogonal matching pursuit."""
+    gradient / orthogonal matching pursuit; `nn-` first: non-negative."""
     k: int | None = None
     """Latents per token for mp, gp and omp (default: the encoder's L0, rounded)."""
 
@@ -88,60 +90,90 @@ def compare(cfg: CompareConfig | EvaluateConfig) -> dict[str, Any]:
     folder holding another is refused."""
     config = {"verb": type(cfg).__name__, **{k: v for k, v in to_json(cfg).items()
                                              if k != "out"}}
-    if record_run(cfg.out / "config.json", config, what="a comparison") \
-            and (cfg.out / RESULTS).is_file():
-        log.info("%s holds this comparison already; reading it back", cfg.out)
-        return read_json(cfg.out / RESULTS)
+    done = read_comparison(cfg.out, config)
+    if done is not None:
+        return done
     torch.manual_seed(cfg.seed)
     sae = load_sae(cfg.sae, device=cfg.device)
     lm = load_model(cfg.model, device=cfg.device)
-    site = _site(cfg, sae, lm)
+    site = _site(cfg, sae)
     fit_windows, windows = corpus_windows(lm, cfg.corpus, text_column=cfg.text_column,
                                           context_size=cfg.context_size,
                                           skip_tokens=cfg.skip_tokens,
                                           fit_tokens=cfg.fit_tokens, tokens=cfg.tokens)
+    if isinstance(cfg, CompareConfig):
+        coders, ks = cfg.coders, cfg.k
+
+        def specs(matched_k: int) -> tuple[list[CoderSpec], int]:
+            return plan(coders, ks, matched_k), matched_k
+    else:  # one coder: a pursuit at --k (default: matched to the encoder)
+        spec, fixed_k = CoderSpec.named(cfg.coder), cfg.k
+
+        def specs(matched_k: int) -> tuple[list[CoderSpec], int]:
+            k = (fixed_k or matched_k) if spec.coder in PURSUIT_METHODS else None
+            return [CoderSpec(spec.coder, k, spec.nonnegative)], k or matched_k
+    return score_dictionary(lm, sae, site, fit_windows, windows, specs, cfg.out,
+                            about={"model": cfg.model, "sae": cfg.sae},
+                            batch_tokens=cfg.batch_tokens)
+
+
+def read_comparison(out: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """Tie `out` to `config` (its config.json; a folder holding another comparison is
+    refused) and return the results of a comparison finished there, or None."""
+    if record_run(out / "config.json", config, what="a comparison") \
+            and (out / RESULTS).is_file():
+        log.info("%s holds this comparison already; reading it back", out)
+        return read_json(out / RESULTS)
+    return None
+
+
+def score_dictionary(lm: LanguageModel, sae: SAE, site: str, fit_windows: np.ndarray,
+                     windows: np.ndarray, specs: Callable[[int], tuple[list[CoderSpec], int]],
+                     out: Path, *, about: dict[str, Any], batch_tokens: int = 1024
+                     ) -> dict[str, Any]:
+    """Score one dictionary's coders on `windows`, after measuring its encoder's L0 (and
+    fitting encoder-scaled) on `fit_windows`; `specs(matched_k)` gives the rows and the L0
+    they are matched at from the encoder's L0, rounded. Writes results.json, windows.npz,
+    scale.safetensors (if fitted), the plots and report.html into `out`."""
+    check_fits(lm, site, sae, str(about.get("model", lm.name)))
     held_out = site_activations(lm, site, fit_windows)
     encoder_l0 = float(Coder(sae, "encoder")(held_out).l0().double().mean())
-    matched_k = max(1, round(encoder_l0))
-    needs_scale = "encoder-scaled" in _coders(cfg)
-    scale = fit_scale(sae, held_out) if needs_scale else None
+    rows, matched_k = specs(max(1, round(encoder_l0)))
+    scale = fit_scale(sae, held_out) if any(r.coder == "encoder-scaled" for r in rows) \
+        else None
     if scale is not None:
-        scale.save(cfg.out / "scale.safetensors")
-    if isinstance(cfg, CompareConfig):
-        specs = plan(cfg.coders, cfg.k, matched_k)
-    else:  # one coder: a pursuit at --k (default: matched to the encoder)
-        k = (cfg.k or matched_k) if cfg.coder in PURSUIT_METHODS else None
-        specs, matched_k = [CoderSpec(cfg.coder, k)], k or matched_k
-    results = run_sweep(lm, sae, site, windows, specs, matched_k=matched_k, scale=scale,
-                        nonnegative=cfg.nonnegative, batch_tokens=cfg.batch_tokens)
-    results = {"model": cfg.model, "site": site, "sae": cfg.sae, "n_latents": sae.n_latents,
+        scale.save(out / "scale.safetensors")
+    sweep = run_sweep(lm, sae, site, windows, rows, matched_k=matched_k, scale=scale,
+                      batch_tokens=batch_tokens)
+    save_columns(sweep.columns, out / WINDOWS)
+    results = {**about, "site": site, "n_latents": sae.n_latents,
                "d_model": sae.d_model, "architecture": sae.architecture,
-               "encoder_l0": encoder_l0, "context_size": cfg.context_size,
+               "encoder_l0": encoder_l0, "context_size": int(windows.shape[1]),
                "tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
                "fit_tokens": int(fit_windows.shape[0] * (fit_windows.shape[1] - 1)),
-               "nonnegative": cfg.nonnegative, **results}
-    write_json(cfg.out / RESULTS, results)
-    write_plots(results, cfg.out)
-    write_report(results, cfg.out)
+               **sweep.results}
+    write_json(out / RESULTS, results)
+    write_plots(results, out)
+    write_report(results, out)
     return results
 
 
-def _coders(cfg: CompareConfig | EvaluateConfig) -> tuple[str, ...]:
-    return cfg.coders if isinstance(cfg, CompareConfig) else (cfg.coder,)
-
-
-def _site(cfg: EvalOptions, sae: SAE, lm: LanguageModel) -> str:
+def _site(cfg: EvalOptions, sae: SAE) -> str:
     site = cfg.site or sae.site
     if site is None:
         raise SaelabError("the SAE does not say which site it reads", expected="--site",
                           found="no site in the SAE's config",
                           fix="pass --site, e.g. --site blocks.6.hook_resid_post")
+    return site
+
+
+def check_fits(lm: LanguageModel, site: str, sae: SAE, model: str) -> None:
+    """Refuse an SAE whose width is not the site's."""
     width = lm.site(site).width
     if width != sae.d_model:
-        raise SaelabError(f"the SAE does not fit {site} of {cfg.model}",
+        raise SaelabError(f"the SAE does not fit {site} of {model}",
                           expected=f"site width {sae.d_model} (the SAE's d_model)",
                           found=f"width {width}", fix="pick the site the SAE was trained on")
-    return site
 
 
 def corpus_windows(lm: LanguageModel, corpus: str, *, text_column: str = "text",

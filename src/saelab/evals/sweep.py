@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 from saelab.coding import (
     ENCODER_METHODS,
-    METHODS,
     PURSUIT_METHODS,
     Coder,
     LatentScale,
@@ -28,39 +27,72 @@ from saelab.coding import (
     SparseCode,
 )
 from saelab.errors import SaelabError
+from saelab.evals.intervals import (
+    LEVEL,
+    RESAMPLES,
+    Columns,
+    Interval,
+    interval,
+    paired_difference,
+    resample_counts,
+    weighted,
+)
 from saelab.evals.metrics import LOG10_DENSITY_BINS, LatentUsage, ReconstructionMetrics
 from saelab.evals.overlap import jaccard, order_cosines, top_kept
 from saelab.evals.splice import CleanPass, clean_pass, spliced_loss
+from saelab.evals.windows import METRICS, PER_CODER, SHARED, WindowSums, coder_sums, shared_sums
 from saelab.lm import LanguageModel
 from saelab.saes import SAE
 
 GEOMETRY_EDGES = np.linspace(0.0, 1.0, 41)  # cosine-to-span histogram edges
 TOP_M = 8  # overlap: how many of the encoder's largest latents a pursuit keeps
+SMALL_WEIGHT = 0.1  # the weight profile: activations below this share of their code's largest
+
+
+CoderName = Literal["encoder", "encoder-refit", "encoder-scaled", "mp", "gp", "omp",
+                    "nn-encoder-refit", "nn-mp", "nn-gp", "nn-omp"]
+"""A coder of a comparison: a coding method, `nn-` first for its non-negative variant (the
+pursuits and the refit; the encoder's activations are >= 0 by its activation already)."""
+CODER_NAMES: tuple[str, ...] = get_args(CoderName)
+NONNEGATIVE = "nn-"
 
 
 @dataclass(frozen=True)
 class CoderSpec:
     """One row of a comparison: a coder, at `k` latents per token (pursuits) or at the
-    encoder's own L0 (`k` None: the encoder and its two fixes)."""
+    encoder's own L0 (`k` None: the encoder and its two fixes), with its activations kept
+    >= 0 or not."""
 
     coder: str
     k: int | None = None
+    nonnegative: bool = False
+
+    @classmethod
+    def named(cls, name: str, k: int | None = None) -> CoderSpec:
+        """The spec of a `CoderName` (`nn-gp` -> gp, non-negative)."""
+        if name not in CODER_NAMES:
+            raise SaelabError(f"unknown coder {name!r}", expected=", ".join(CODER_NAMES),
+                              found=name, fix="pick coders from that list")
+        return cls(name.removeprefix(NONNEGATIVE), k, name.startswith(NONNEGATIVE))
+
+    @property
+    def name(self) -> str:
+        """The coder with its sign: `gp`, `nn-gp` (non-negative), `encoder`, ..."""
+        return NONNEGATIVE + self.coder if self.nonnegative else self.coder
 
     @property
     def label(self) -> str:
-        return self.coder if self.k is None else f"{self.coder} k={self.k}"
+        return self.name if self.k is None else f"{self.name} k={self.k}"
 
 
 def plan(coders: Sequence[str], ks: Sequence[int], matched_k: int) -> list[CoderSpec]:
     """The encoder-based coders once each; each pursuit at every k and at `matched_k` (the
     encoder's L0, rounded), so that every coder has a row at the same L0."""
-    unknown = [c for c in coders if c not in METHODS]
-    if unknown:
-        raise SaelabError(f"unknown coder {unknown[0]!r}", expected=", ".join(METHODS),
-                          found=", ".join(coders), fix="pick coders from that list")
+    specs = [CoderSpec.named(name) for name in coders]
     pursuit_ks = sorted({*ks, matched_k})
-    return [CoderSpec(c) for c in coders if c in ENCODER_METHODS] + [
-        CoderSpec(c, k) for c in coders if c in PURSUIT_METHODS for k in pursuit_ks]
+    return [s for s in specs if s.coder in ENCODER_METHODS] + [
+        CoderSpec(s.coder, k, s.nonnegative) for s in specs if s.coder in PURSUIT_METHODS
+        for k in pursuit_ks]
 
 
 @dataclass
@@ -71,27 +103,25 @@ class _Track:
     coder: Coder
     recon: ReconstructionMetrics
     usage: LatentUsage
-    loss_sum: float = 0.0
-    kl_sum: float = 0.0
+    sums: WindowSums = field(default_factory=lambda: WindowSums(PER_CODER))
     negative: int = 0
+    small: int = 0  # non-zero activations below SMALL_WEIGHT of their code's largest
+    nonzero: int = 0
     seconds: float = 0.0
     geometry: list[Tensor] = field(default_factory=list)
 
 
 def run_sweep(lm: LanguageModel, sae: SAE, site: str, windows: np.ndarray,
               specs: Sequence[CoderSpec], *, matched_k: int, scale: LatentScale | None = None,
-              nonnegative: bool = False, batch_tokens: int = 1024,
-              geometry_tokens: int = 512) -> dict[str, Any]:
-    """Score `specs` on `windows` [n, T] (int64 token ids, BOS first); returns the results
-    dictionary `compare` writes as results.json."""
+              batch_tokens: int = 1024, geometry_tokens: int = 512) -> Sweep:
+    """Score `specs` on `windows` [n, T] (int64 token ids, BOS first)."""
     W_dec, b_dec = sae.W_dec.detach(), sae.b_dec.detach()
-    tracks = [_Track(s, Coder(sae, s.coder, k=s.k, nonnegative=nonnegative, scale=scale),
+    tracks = [_Track(s, Coder(sae, s.coder, k=s.k, nonnegative=s.nonnegative, scale=scale),
                      ReconstructionMetrics(), LatentUsage(sae.n_latents)) for s in specs]
     matched = [t for t in tracks if t.spec.k in (None, matched_k)]
     pairs = np.zeros((len(matched), len(matched)))
     kept = np.zeros(len(matched))
-    clean_sum = zero_sum = 0.0
-    scored = 0
+    shared = WindowSums(SHARED)
     per_batch = max(1, batch_tokens // windows.shape[1])
     total = len(windows) * (windows.shape[1] - 1) * len(tracks)
     with tqdm(total=total, unit="tok", desc="compare", disable=None) as bar:
@@ -99,10 +129,8 @@ def run_sweep(lm: LanguageModel, sae: SAE, site: str, windows: np.ndarray,
             ids = torch.from_numpy(windows[start:start + per_batch])
             clean = clean_pass(lm, site, ids)
             x_BD = clean.activations.reshape(-1, clean.activations.shape[-1]).float()
-            clean_sum += float(clean.loss.double().sum())
-            zero_sum += float(spliced_loss(lm, site, clean,
-                                           torch.zeros_like(clean.activations))[0].double().sum())
-            scored += clean.loss.numel()
+            zero = spliced_loss(lm, site, clean, torch.zeros_like(clean.activations))[0]
+            shared.add(**shared_sums(clean.activations, clean.loss, zero))
             codes = {}
             for t in tracks:
                 code = _score(t, lm, site, clean, x_BD, W_dec, b_dec, trace=start == 0)
@@ -112,8 +140,9 @@ def run_sweep(lm: LanguageModel, sae: SAE, site: str, windows: np.ndarray,
                 bar.update(len(x_BD))
             _overlap(matched, codes, sae.n_latents, pairs, kept)
     n_batches = -(-len(windows) // per_batch)
-    return _results(tracks, matched, pairs / n_batches, kept / n_batches, clean_sum / scored,
-                    zero_sum / scored, scored, matched_k)
+    columns = {t.spec.label: {**shared.columns(), **t.sums.columns()} for t in tracks}
+    return Sweep(_results(tracks, matched, pairs / n_batches, kept / n_batches, columns,
+                          matched_k), columns)
 
 
 def _score(t: _Track, lm: LanguageModel, site: str, clean: CleanPass, x_BD: Tensor,
@@ -125,9 +154,15 @@ def _score(t: _Track, lm: LanguageModel, site: str, clean: CleanPass, x_BD: Tens
     t.recon.update(x_BD, x_hat_BD, code)
     t.usage.update(code)
     t.negative += int((code.values < 0).sum())
-    loss, kl = spliced_loss(lm, site, clean, x_hat_BD.view_as(clean.activations))
-    t.loss_sum += float(loss.double().sum())
-    t.kl_sum += float(kl.double().sum())
+    size = code.values.abs()
+    if size.shape[1]:
+        live = size > 0
+        t.small += int((live & (size < SMALL_WEIGHT * size.amax(dim=1, keepdim=True))).sum())
+        t.nonzero += int(live.sum())
+    x_hat_BTD = x_hat_BD.view_as(clean.activations)
+    loss, kl = spliced_loss(lm, site, clean, x_hat_BTD)
+    t.sums.add(**coder_sums(clean.activations, x_hat_BTD,
+                            code.l0().view(clean.activations.shape[:2]), loss, kl))
     return code
 
 
@@ -157,20 +192,33 @@ def _overlap(matched: list[_Track], codes: dict[CoderSpec, SparseCode], n_latent
 
 
 def _results(tracks: list[_Track], matched: list[_Track], jac: np.ndarray, kept: np.ndarray,
-             clean: float, zero: float, scored: int, matched_k: int) -> dict[str, Any]:
+             columns: dict[str, Columns], matched_k: int) -> dict[str, Any]:
+    some = next(iter(columns.values()))
+    totals = weighted(some, np.ones(len(some["tokens"])))
+    counts = resample_counts(len(some["tokens"]))
+    encoder = next((t for t in matched if t.spec.coder == "encoder"), None)
     rows = []
     for t in tracks:
-        loss = t.loss_sum / scored
         r, u = t.recon.result(), t.usage.result()
-        rows.append({"coder": t.spec.coder, "k": t.spec.k, "label": t.spec.label,
-                     "l0": r["l0"], "fvu": r["fvu"], "mse": r["mse"], "cosine": r["cosine"],
-                     "loss": loss, "delta_loss": loss - clean,
-                     "loss_recovered": (zero - loss) / (zero - clean) if zero != clean
-                     else float("nan"), "kl": t.kl_sum / scored,
-                     "dead": u["dead"], "dead_fraction": u["dead_fraction"],
-                     "dense": u["dense"], "negative_fraction": t.negative / max(
-                         1, sum(int(k) * c for k, c in r["l0_histogram"].items())),
-                     "tokens": r["tokens"], "tokens_per_s": r["tokens"] / max(t.seconds, 1e-9)})
+        cols = columns[t.spec.label]
+        ci = {name: interval(metric, cols, counts) for name, metric in METRICS.items()}
+        row = {"coder": t.spec.coder, "name": t.spec.name, "k": t.spec.k, "label": t.spec.label,
+               "nonnegative": t.spec.nonnegative,
+               **{name: i.value for name, i in ci.items()},
+               "mse": r["mse"], "cosine": r["cosine"],
+               "loss": float(totals["clean"] / totals["positions"]) + ci["delta_loss"].value,
+               "intervals": {name: [i.low, i.high] for name, i in ci.items()},
+               "dead": u["dead"], "dead_fraction": u["dead_fraction"],
+               "dense": u["dense"], "negative_fraction": t.negative / max(
+                   1, sum(int(k) * c for k, c in r["l0_histogram"].items())),
+               "small_weight_fraction": t.small / max(1, t.nonzero),
+               "tokens": r["tokens"], "tokens_per_s": r["tokens"] / max(t.seconds, 1e-9)}
+        if encoder is not None and t in matched and t is not encoder:
+            row["vs_encoder"] = {
+                name: _difference(paired_difference(metric, cols, columns[encoder.spec.label],
+                                                    counts))
+                for name, metric in METRICS.items() if name != "l0"}
+        rows.append(row)
     samples = {t.spec.label: np.abs(t.usage.value_sample()) for t in matched}
     pooled = np.concatenate([s[s > 0] for s in samples.values()] or [np.ones(1)])
     lo, hi = np.log10(np.percentile(pooled, [0.1, 99.9]))
@@ -178,7 +226,11 @@ def _results(tracks: list[_Track], matched: list[_Track], jac: np.ndarray, kept:
     geometry = {t.spec.label: torch.cat(t.geometry).double().numpy() for t in matched}
     has_encoder = any(t.spec.coder == "encoder" for t in matched)
     return {
-        "clean_loss": clean, "zero_ablation_loss": zero, "scored_positions": scored,
+        "clean_loss": float(totals["clean"] / totals["positions"]),
+        "zero_ablation_loss": float(totals["zero"] / totals["positions"]),
+        "scored_positions": int(totals["positions"]), "windows": len(some["tokens"]),
+        "intervals": {"method": "percentile bootstrap over windows", "level": LEVEL,
+                      "resamples": RESAMPLES},
         "matched_k": matched_k, "rows": rows,
         "l0_histograms": {t.spec.label: t.recon.result()["l0_histogram"] for t in matched},
         "density": {"log10_edges": LOG10_DENSITY_BINS.tolist(),
@@ -197,3 +249,16 @@ def _results(tracks: list[_Track], matched: list[_Track], jac: np.ndarray, kept:
                      "mean": {label: float(c.mean()) if len(c) else float("nan")
                               for label, c in geometry.items()}},
     }
+
+
+def _difference(i: Interval) -> dict[str, float | bool]:
+    return {**i.as_json(), "excludes_zero": i.excludes_zero}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A sweep's results (what results.json holds) and its per-window sums by row label
+    (what its intervals were drawn from; `compare` saves them as windows.npz)."""
+
+    results: dict[str, Any]
+    columns: dict[str, Columns]

@@ -69,13 +69,22 @@ def _title(stem: str, results: dict[str, Any]) -> str:
             "overlap": "Support overlap", "geometry": "Selection geometry"}[stem] + f"\n{where}"
 
 
+def colour(name: str) -> str | None:
+    """A coder's colour, the same for its signed and non-negative variants (`nn-gp`)."""
+    return _COLOURS.get(name.split(" ")[0].removeprefix("nn-"))
+
+
 def _pareto(ax: Axes, results: dict[str, Any], key: str, label: str) -> None:
-    for coder in dict.fromkeys(r["coder"] for r in results["rows"]):
-        rows = sorted((r for r in results["rows"] if r["coder"] == coder), key=lambda r: r["l0"])
+    both_signs = len({r["nonnegative"] for r in results["rows"] if r["k"] is not None}) > 1
+    for name in dict.fromkeys(r["name"] for r in results["rows"]):
+        rows = sorted((r for r in results["rows"] if r["name"] == name), key=lambda r: r["l0"])
         l0 = [r["l0"] for r in rows]
-        y = [r[key] for r in rows]
-        style = "o-" if len(rows) > 1 else "s"
-        ax.plot(l0, y, style, color=_COLOURS.get(coder), label=coder, markersize=6)
+        y = np.asarray([r[key] for r in rows])
+        low, high = (np.asarray([r["intervals"][key][i] for r in rows]) for i in (0, 1))
+        dashed = both_signs and rows[0]["k"] is not None and not rows[0]["nonnegative"]
+        style = ("o--" if dashed else "o-") if len(rows) > 1 else "s"
+        ax.errorbar(l0, y, yerr=np.stack([y - low, high - y]), fmt=style, color=colour(name),
+                    label=name, markersize=5, capsize=2, elinewidth=0.8)
     ax.axvline(results["encoder_l0"], color="#999999", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
     if key == "fvu" or all(r[key] > 0 for r in results["rows"]):
@@ -93,7 +102,7 @@ def _histograms(ax: Axes, edges: list[float], histograms: dict[str, list[int]],
         c = np.asarray(counts, dtype=float)
         if density and c.sum() > 0:
             c = c / c.sum()
-        ax.stairs(c, edges_arr, label=label, color=_COLOURS.get(label.split(" ")[0]), lw=1.5)
+        ax.stairs(c, edges_arr, label=label, color=colour(label), lw=1.5)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("fraction of " + ylabel if density else ylabel)
     ax.grid(alpha=0.3)

@@ -26,11 +26,17 @@ def run_compare(cfg: CompareConfig | EvaluateConfig) -> Compared:
 
 
 def compare_summary(result: Compared) -> list[str]:
-    lines = [f"{'coder':<20} {'L0':>7} {'FVU':>8} {'delta loss':>11} {'recovered':>10}"]
-    lines += [f"{r['label']:<20} {r['l0']:>7.2f} {r['fvu']:>8.4f} {r['delta_loss']:>11.4f} "
-              f"{r['loss_recovered']:>10.3f}" for r in result.results["rows"]]
+    lines = [f"{'coder':<22} {'L0':>7} {'FVU':>8} {'delta loss':>11} {'95 % CI':>18} "
+             f"{'recovered':>10}"]
+    lines += [f"{r['label']:<22} {r['l0']:>7.2f} {r['fvu']:>8.4f} {r['delta_loss']:>11.4f} "
+              f"{_ci(r['intervals']['delta_loss']):>18} {r['loss_recovered']:>10.3f}"
+              for r in result.results["rows"]]
     return [*lines, *answer(result.results),
             f"done in {result.seconds:.0f} s; report: {result.out / 'report.html'}"]
+
+
+def _ci(bounds: list[float]) -> str:
+    return f"[{bounds[0]:.4f}, {bounds[1]:.4f}]"
 
 
 COMPARE = Verb(CompareConfig, run_compare, compare_summary, "Every coder at every L0 on the "

@@ -1,0 +1,159 @@
+"""A study's rows, the paired comparisons the published claim is about, and its answers.
+
+The claim (Gated SAE paper, appendix A; GDM's 2024 progress update): at matched L0,
+non-negative gradient pursuit on an SAE's decoder beats the encoder, the encoder's support
+with re-fitted weights, and a learned rescale of the encoder's code, in loss recovered; and
+decoders trained at a higher L0 do better under ITO even at a low test L0. Each ITO coder at
+its dictionary's matched L0 is compared with each encoder-based coder on the same windows
+(`comparisons`), every difference with its paired 95 % interval; a difference whose interval
+holds 0 is "no difference shown", never a win.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from saelab.coding import ENCODER_METHODS, PURSUIT_METHODS
+from saelab.evals import METRICS, load_columns, paired_difference, resample_counts
+from saelab.io import to_json
+from saelab.study.spec import StudySpec
+
+COMPARED = ("fvu", "delta_loss", "kl", "loss_recovered")
+BETTER = {"fvu": -1, "delta_loss": -1, "kl": -1, "loss_recovered": 1}  # the better direction
+
+
+def gather(spec: StudySpec, evaluations: Mapping[str, dict[str, Any]],
+           folders: Mapping[str, Path], training: Mapping[str, dict[str, Any]]
+           ) -> dict[str, Any]:
+    """The study's results.json (less its timings) from each dictionary's comparison."""
+    dictionaries, rows, comparisons = {}, [], []
+    for entry in spec.dictionaries:
+        ev = evaluations[entry.name]
+        outcome = training[entry.name]
+        training_l0 = entry.target_l0 if entry.target_l0 is not None else \
+            entry.options.get("k", ev["encoder_l0"])
+        dictionaries[entry.name] = {
+            "architecture": ev["architecture"], "training_l0": training_l0,
+            "encoder_l0": ev["encoder_l0"], "n_latents": ev["n_latents"], "sae": ev["sae"],
+            "sparsity_coef": outcome.get("sparsity_coef"),
+            "warnings": outcome.get("warnings", []), "final_training": outcome.get("final", {}),
+            "matched_k": ev["matched_k"]}
+        for r in ev["rows"]:
+            rows.append({"dictionary": entry.name, "architecture": ev["architecture"],
+                         "training_l0": training_l0,
+                         "matched": r["k"] in (None, ev["matched_k"]), **r})
+        comparisons += _comparisons(entry.name, ev, load_columns(folders[entry.name] /
+                                                                 "windows.npz"))
+    first = evaluations[spec.dictionaries[0].name]
+    return {"spec": to_json(spec), "model": spec.model, "site": spec.site,
+            "tokens": first["tokens"], "windows": first["windows"],
+            "fit_tokens": first["fit_tokens"], "clean_loss": first["clean_loss"],
+            "zero_ablation_loss": first["zero_ablation_loss"],
+            "intervals": first["intervals"], "dictionaries": dictionaries, "rows": rows,
+            "comparisons": comparisons}
+
+
+def _comparisons(name: str, ev: dict[str, Any], columns: dict[str, dict[str, Any]]
+                 ) -> list[dict[str, Any]]:
+    """Every ITO coder at the matched L0 against every encoder-based coder, paired."""
+    k = ev["matched_k"]
+    counts = resample_counts(ev["windows"])
+    ito = [r for r in ev["rows"] if r["coder"] in PURSUIT_METHODS and r["k"] == k]
+    base = [r for r in ev["rows"] if r["coder"] in ENCODER_METHODS]
+    out = []
+    for r in ito:
+        for b in base:
+            for metric in COMPARED:
+                d = paired_difference(METRICS[metric], columns[r["label"]],
+                                      columns[b["label"]], counts)
+                out.append({"dictionary": name, "architecture": ev["architecture"],
+                            "coder": r["name"], "against": b["name"], "metric": metric,
+                            "k": k, **d.as_json(), "excludes_zero": d.excludes_zero,
+                            "verdict": verdict(metric, d.value, d.excludes_zero)})
+    return out
+
+
+def verdict(metric: str, difference: float, excludes_zero: bool) -> str:
+    """`better`, `worse` or `no difference shown`, for coder minus baseline in `metric`."""
+    if not excludes_zero:
+        return "no difference shown"
+    return "better" if difference * BETTER[metric] > 0 else "worse"
+
+
+def answers(results: dict[str, Any]) -> dict[str, list[str]]:
+    """The claim's parts in words, each sentence with its numbers."""
+    return {"a": _part_a(results), "b": _part_b(results), "c": _part_c(results)}
+
+
+def _part_a(results: dict[str, Any]) -> list[str]:
+    out = []
+    by_dict: dict[str, list[dict[str, Any]]] = {}
+    for c in results["comparisons"]:
+        if c["coder"] == "nn-gp" and c["metric"] == "loss_recovered":
+            by_dict.setdefault(c["dictionary"], []).append(c)
+    for name, comps in by_dict.items():
+        parts = [f"{c['against']} {c['value']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] "
+                 f"({c['verdict']})" for c in comps]
+        d = results["dictionaries"][name]
+        out.append(f"{name} ({d['architecture']}, encoder L0 {d['encoder_l0']:.1f}, "
+                   f"nn-gp at k={d['matched_k']}): loss recovered of nn-gp minus "
+                   + "; ".join(parts) + ".")
+    tally: dict[str, dict[str, int]] = {}
+    for c in results["comparisons"]:
+        if c["coder"] == "nn-gp" and c["metric"] == "loss_recovered":
+            t = tally.setdefault(c["against"], {"better": 0, "worse": 0,
+                                                "no difference shown": 0})
+            t[c["verdict"]] += 1
+    for against, t in tally.items():
+        out.append(f"Against {against}, over {sum(t.values())} dictionaries: nn-gp better on "
+                   f"{t['better']}, worse on {t['worse']}, no difference shown on "
+                   f"{t['no difference shown']} (loss recovered, 95 % paired intervals).")
+    if not out:
+        out.append("The study has no nn-gp rows at matched L0, so part (a) is not answered.")
+    return out
+
+
+def _part_b(results: dict[str, Any]) -> list[str]:
+    """Loss recovered under nn-gp at each test k against the dictionary's training L0,
+    within each architecture."""
+    out = []
+    archs = dict.fromkeys(d["architecture"] for d in results["dictionaries"].values())
+    for arch in archs:
+        rows = [r for r in results["rows"] if r["architecture"] == arch
+                and r["name"] == "nn-gp" and r["k"] is not None]
+        trained = sorted({r["training_l0"] for r in rows})
+        if len(trained) < 2:
+            continue
+        for k in sorted({r["k"] for r in rows}):
+            at = {r["training_l0"]: r for r in rows if r["k"] == k}
+            if len(at) < len(trained):
+                continue
+            values = [at[t]["loss_recovered"] for t in trained]
+            trend = ("rises" if all(b > a for a, b in zip(values, values[1:], strict=False))
+                     else "falls" if all(b < a for a, b in zip(values, values[1:],
+                                                                strict=False))
+                     else "is not monotonic")
+            listing = ", ".join(f"trained at {t:g}: {at[t]['loss_recovered']:.4f} "
+                                f"[{at[t]['intervals']['loss_recovered'][0]:.4f}, "
+                                f"{at[t]['intervals']['loss_recovered'][1]:.4f}]"
+                                for t in trained)
+            out.append(f"{arch}, nn-gp at test k={k}: loss recovered {trend} with the "
+                       f"training L0 ({listing}).")
+    if not out:
+        out.append("No architecture has nn-gp rows at two or more training L0s, so part "
+                   "(b) is not answered.")
+    return out
+
+
+def _part_c(results: dict[str, Any]) -> list[str]:
+    """The weight profile: the share of each code's weights below 10 % of its largest."""
+    out = []
+    for name, d in results["dictionaries"].items():
+        rows = {r["name"]: r for r in results["rows"] if r["dictionary"] == name
+                and r["matched"]}
+        listing = ", ".join(f"{n} {r['small_weight_fraction']:.1%}" for n, r in rows.items())
+        out.append(f"{name} (L0 {d['encoder_l0']:.1f}): share of non-zero weights below 10 % "
+                   f"of their code's largest: {listing}.")
+    return out

@@ -1,0 +1,131 @@
+"""Run a study in stages, each resumable: cache the training activations, train every
+dictionary the grid trains, score every dictionary's coders on the same held-out tokens, and
+gather the rows with their intervals and paired differences.
+
+The folder:
+
+    study.json                 the resolved spec (a folder holds one study)
+    activations/SITE/          the training store (only if the study trains)
+    dictionaries/NAME/         each trained dictionary's run folder (`saelab train`'s)
+    evals/NAME/                each dictionary's comparison (`saelab compare`'s files)
+    results.json, *.png/svg, report.html
+
+A killed study is run again with the same command: the store and each training run resume
+from their checkpoints, a finished comparison is read back, and only what is missing is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saelab.activations import cache_activations
+from saelab.evals import (
+    CoderSpec,
+    corpus_windows,
+    plan,
+    read_comparison,
+    score_dictionary,
+)
+from saelab.formats import load_sae
+from saelab.io import read_json, record_run, to_json, write_json
+from saelab.lm import LanguageModel, load_model
+from saelab.reports import read_metrics, write_study_plots, write_study_report
+from saelab.study.analysis import answers, gather
+from saelab.study.spec import DictionaryEntry, StudySpec
+from saelab.training import TrainConfig, train
+
+log = logging.getLogger(__name__)
+RESULTS = "results.json"
+
+
+def run_study(spec: StudySpec, out: Path, *, say: Callable[[str], None] = log.info
+              ) -> dict[str, Any]:
+    """Run (or resume) the study `spec` in `out`; return its results."""
+    record_run(out / "study.json", to_json(spec), what="a study")
+    seconds: dict[str, float] = {}
+    began = time.perf_counter()
+    lm = load_model(spec.model, device=spec.device)
+    skip = 0
+    if spec.trains:
+        say(f"cache {spec.cache_tokens} tokens of {spec.site}")
+        store = cache_activations(out / "activations", model=spec.model, sites=(spec.site,),
+                                  corpus=spec.corpus, text_column=spec.text_column,
+                                  tokens=spec.cache_tokens, context_size=spec.context_size,
+                                  device=spec.device, lm=lm)[spec.site]
+        skip = store.manifest["n_windows"] * (spec.context_size - 1)
+        seconds["cache"] = time.perf_counter() - began
+        for i, entry in enumerate(d for d in spec.dictionaries if d.trained):
+            say(f"train {entry.name} ({i + 1} of {sum(d.trained for d in spec.dictionaries)})")
+            t = time.perf_counter()
+            train(train_config(spec, entry), store, out / "dictionaries" / entry.name)
+            seconds[f"train {entry.name}"] = time.perf_counter() - t
+    fit_windows, windows = corpus_windows(lm, spec.corpus, text_column=spec.text_column,
+                                          context_size=spec.context_size, skip_tokens=skip,
+                                          fit_tokens=spec.fit_tokens, tokens=spec.eval_tokens)
+    evaluations = {}
+    for i, entry in enumerate(spec.dictionaries):
+        say(f"score {entry.name} ({i + 1} of {len(spec.dictionaries)})")
+        t = time.perf_counter()
+        evaluations[entry.name] = _evaluate(spec, entry, lm, fit_windows, windows, out)
+        seconds[f"score {entry.name}"] = time.perf_counter() - t
+    results = gather(spec, evaluations, {e.name: out / "evals" / e.name for e in
+                                         spec.dictionaries},
+                     {e.name: _training_outcome(out, e) for e in spec.dictionaries})
+    results["answers"] = answers(results)
+    results["seconds"] = {**seconds, "total": time.perf_counter() - began}
+    write_json(out / RESULTS, results)
+    write_study_plots(results, out)
+    write_study_report(results, out)
+    return results
+
+
+def train_config(spec: StudySpec, entry: DictionaryEntry) -> TrainConfig:
+    """The TrainConfig of one trained entry: the study's sizes, the entry's settings."""
+    assert entry.architecture is not None
+    settings: dict[str, Any] = {"architecture": entry.architecture,
+                                "n_latents": spec.n_latents, "tokens": spec.train_tokens,
+                                "batch_size": spec.batch_size, "target_l0": entry.target_l0,
+                                "seed": spec.seed, "device": spec.device}
+    return TrainConfig(**{**settings, **entry.options})
+
+
+def _evaluate(spec: StudySpec, entry: DictionaryEntry, lm: LanguageModel,
+              fit_windows: np.ndarray, windows: np.ndarray, out: Path) -> dict[str, Any]:
+    folder = out / "evals" / entry.name
+    source = str(out / "dictionaries" / entry.name) if entry.trained else str(entry.sae)
+    config = {"sae": source, "coders": list(spec.coders), "ks": list(spec.ks),
+              "windows": int(len(windows)), "fit_windows": int(len(fit_windows)),
+              "first_window": windows[0].tolist(), "batch_tokens": spec.batch_tokens}
+    done = read_comparison(folder, config)
+    if done is not None:
+        return done
+    torch.manual_seed(spec.seed)
+    sae = load_sae(source, device=spec.device)
+    coders, ks = spec.coders, spec.ks
+
+    def specs(matched_k: int) -> tuple[list[CoderSpec], int]:
+        return plan(coders, ks, matched_k), matched_k
+
+    return score_dictionary(lm, sae, spec.site, fit_windows, windows, specs, folder,
+                            about={"model": spec.model, "sae": source, "dictionary": entry.name},
+                            batch_tokens=spec.batch_tokens)
+
+
+def _training_outcome(out: Path, entry: DictionaryEntry) -> dict[str, Any]:
+    """What a trained entry's run recorded: its config's outcome (the coefficient reached)
+    and its final training metrics; {} for a loaded dictionary."""
+    if not entry.trained:
+        return {}
+    folder = out / "dictionaries" / entry.name
+    outcome = read_json(folder / "config.json").get("outcome", {})
+    metrics = read_metrics(folder / "metrics.jsonl")
+    return {**outcome, "final": metrics[-1] if metrics else {},
+            "curves": str(folder / "curves.png"), "entry": asdict(entry)}
