@@ -492,25 +492,44 @@ def test_encoder_scaled_never_worse_than_the_encoder_where_fitted(sae, per_laten
     scaled = sc.decompose(x_fit, sae, "encoder-scaled", scale=scale, dtype=torch.float64)
     assert mse(scaled) < mse(enc)
     scale.save(tmp_path / "scale.safetensors")
-    assert torch.equal(sc.LatentScale.load(tmp_path / "scale.safetensors").scale, scale.scale)
+    back = sc.LatentScale.load(tmp_path / "scale.safetensors")
+    assert torch.equal(back.scale, scale.scale)
+    assert (back.shift is None) == (scale.shift is None) and (
+        scale.shift is None or torch.equal(back.shift, scale.shift))
 
 
 @pytest.mark.parametrize("min_fires", [1, 6])
-def test_per_latent_scale_is_the_least_squares_optimum(sae, min_fires):
-    """Against a dense float64 least-squares fit of one scale per latent active on at least
-    `min_fires` rows, the others held at 1."""
+@pytest.mark.parametrize("shift", [False, True])
+def test_per_latent_scale_is_the_least_squares_optimum(sae, min_fires, shift):
+    """Against a dense float64 least-squares fit of one scale (and one shift) per latent
+    active on at least `min_fires` rows, the others held at scale 1 and shift 0."""
     x = gaussian(120, 24, seed=6)
-    scale = sc.fit_scale(sae, x, dtype=torch.float64, min_fires=min_fires).scale
+    fitted = sc.fit_scale(sae, x, dtype=torch.float64, min_fires=min_fires, shift=shift)
+    scale = fitted.scale
     z = sae.encode(x).detach().numpy()
     W, target = sae.W_dec.detach().numpy(), (x - sae.b_dec).detach().numpy()
     fires = (z != 0).sum(axis=0)
     free = np.flatnonzero(fires >= min_fires)
     held = np.setdiff1d(np.arange(96), free)
     target = target - z[:, held] @ W[held]  # the held latents at scale 1
-    design = np.stack([(z[:, j:j + 1] * W[j]).ravel() for j in free], axis=1)
+    columns = [(z[:, j:j + 1] * W[j]).ravel() for j in free]
+    if shift:
+        columns += [((z[:, j:j + 1] != 0) * W[j]).ravel() for j in free]
+    design = np.stack(columns, axis=1)
     ref = np.linalg.lstsq(design, target.ravel(), rcond=None)[0]
-    np.testing.assert_allclose(scale[free].numpy(), ref, rtol=1e-6, atol=1e-6)
+    ours = np.concatenate([scale[free].numpy()] + (
+        [fitted.shift[free].numpy()] if shift else []))
+    best = ((design @ ref - target.ravel()) ** 2).sum()
+    assert ((design @ ours - target.ravel()) ** 2).sum() == pytest.approx(best, rel=1e-6)
     assert (scale[held] == 1).all()
+    assert (fitted.shift is None) == (not shift)
+    if shift and min_fires == 1:
+        return  # a latent active on one row has no unique (scale, shift): the optimum suffices
+    np.testing.assert_allclose(scale[free].numpy(), ref[:len(free)], rtol=1e-6, atol=1e-6)
+    if shift:
+        np.testing.assert_allclose(fitted.shift[free].numpy(), ref[len(free):], rtol=1e-6,
+                                   atol=1e-6)
+        assert (fitted.shift[held] == 0).all()
     assert min_fires == 1 or 0 < len(held) - (fires == 0).sum() < 96  # some held for real
 
 

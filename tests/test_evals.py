@@ -340,10 +340,10 @@ def test_quick_demo_reports_finite_numbers(tmp_path):
     assert results["clean_loss"] < results["zero_ablation_loss"]
     assert str(tmp_path / "compare" / "report.html") in run.stdout
     pages = {m: json.loads((tmp_path / f"dashboard-{m}" / "latents.json").read_text())
-             for m in ("encoder", "gp")}
+             for m in ("encoder", "nn-gp")}
     shown = [[e["latent"] for e in page["latents"]] for page in pages.values()]
     assert len(shown[0]) == 4 and shown[0] == shown[1]  # the same latents under both coders
     for entry in pages["encoder"]["latents"]:
         assert entry["fires"] > 0 and entry["contexts"]
         assert len(entry["logit_effect"]["promotes"]) == 10  # Gemma's own unembedding
-    assert str(tmp_path / "dashboard-gp" / "dashboard.html") in run.stdout
+    assert str(tmp_path / "dashboard-nn-gp" / "dashboard.html") in run.stdout

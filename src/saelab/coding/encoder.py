@@ -46,9 +46,11 @@ def refit(d: Dictionary, x_BD: Tensor, code: SparseCode, nonnegative: bool) -> S
 
 @dataclass(frozen=True)
 class LatentScale:
-    """A post-hoc scale for an encoder's code: one number, or one per latent."""
+    """A post-hoc rescale (and shift) of an encoder's code: one scale, or one scale and one
+    shift per latent, applied to the latents the encoder chose (its support is kept)."""
 
     scale: Tensor  # [] for a global scale, [n_latents] per latent
+    shift: Tensor | None = None  # [n_latents], added to each active latent's value
 
     @property
     def per_latent(self) -> bool:
@@ -56,38 +58,49 @@ class LatentScale:
 
     def apply(self, code: SparseCode) -> SparseCode:
         s = self.scale.to(code.values)
-        return SparseCode(code.indices, code.values * (s[code.indices] if self.per_latent else s))
+        values = code.values * (s[code.indices] if self.per_latent else s)
+        if self.shift is not None:
+            values = values + (code.values != 0) * self.shift.to(values)[code.indices]
+        return SparseCode(code.indices, values)
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save
 
-        data = save({"scale": self.scale.detach().cpu().contiguous()},
-                    metadata={"format": "saelab-latent-scale/1"})
+        tensors = {"scale": self.scale.detach().cpu().contiguous()}
+        if self.shift is not None:
+            tensors["shift"] = self.shift.detach().cpu().contiguous()
+        data = save(tensors, metadata={"format": "saelab-latent-scale/1"})
         atomic_write(Path(path), lambda f: f.write(data))
 
     @staticmethod
     def load(path: str | Path) -> LatentScale:
         tensors = read_safetensors(Path(path))
-        if "scale" not in tensors or tensors["scale"].dim() > 1:
+        scale, shift = tensors.get("scale"), tensors.get("shift")
+        if scale is None or scale.dim() > 1 or (shift is not None and (
+                not scale.dim() or shift.shape != scale.shape)):
             raise SaelabError(f"{path} is not a saelab scale file",
-                              expected="a tensor 'scale', [] or [n_latents]",
+                              expected="a tensor 'scale', [] or [n_latents], and optionally "
+                              "'shift' [n_latents] beside a per-latent scale",
                               found=", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items())
                               or "no tensors",
                               fix="write it with LatentScale.save")
-        return LatentScale(tensors["scale"])
+        return LatentScale(scale, shift)
 
 
-def fit_scale(sae: SAELike, x: Tensor, *, per_latent: bool = True, min_fires: int = 64,
-              dtype: torch.dtype = torch.float32, max_iter: int = 200) -> LatentScale:
-    """The scale s minimising ||x - b_dec - (s * z) W_dec||^2 over held-out activations x.
+def fit_scale(sae: SAELike, x: Tensor, *, per_latent: bool = True, shift: bool = True,
+              min_fires: int = 64, dtype: torch.dtype = torch.float32, max_iter: int = 400
+              ) -> LatentScale:
+    """The scale s (and, per latent with `shift`, the shift t) minimising
+    ||x - b_dec - sum_active (s_j z_j + t_j) W_dec_j||^2 over held-out activations x: the
+    Gated SAE paper's rescale-and-shift baseline (appendix A), on the encoder's own support.
 
-    Global: closed form. Per latent: the normal equations (Z'Z * G) s = h are n_latents
-    wide, so they are solved by conjugate gradients from s = 1 using the sparse code for
-    every product (B*k*d each); CG never increases the objective, so the fitted scale
-    reconstructs its fitting set at least as well as the encoder does. A latent active on
-    fewer than `min_fires` rows keeps scale 1: fitted from a handful of tokens its scale
-    overfits them (on Gemma 3 270M with 4096 held-out tokens, a free per-latent scale made
-    unseen tokens' FVU 4% worse than the encoder's own code).
+    Global scale: closed form. Per latent: the normal equations are 2 n_latents wide, so they
+    are solved by conjugate gradients from s = 1, t = 0, using the sparse code for every
+    product (B*k*d each); CG never increases the objective, so the fit reconstructs its
+    fitting set at least as well as the encoder does. A latent active on fewer than
+    `min_fires` rows keeps s = 1, t = 0: fitted from a handful of tokens it overfits them (on
+    Gemma 3 270M with 4096 held-out tokens, a free per-latent scale made unseen tokens' FVU
+    4% worse than the encoder's own code).
     """
     d = as_dictionary(sae, dtype=dtype, device=x.device)
     x_BD = x.to(dtype)
@@ -99,29 +112,35 @@ def fit_scale(sae: SAELike, x: Tensor, *, per_latent: bool = True, min_fires: in
         x_hat_BD = torch.einsum("bk,bkd->bd", v_BK, rows_BKD)
         den = (x_hat_BD * x_hat_BD).sum()
         return LatentScale((x_hat_BD * target_BD).sum() / den if den > 0 else den.new_ones(()))
+    n, flat = d.n_latents, code.indices.reshape(-1)
+    # the design's two columns per latent: its value (for s) and its being active (for t)
+    columns = [v_BK, (v_BK != 0).to(v_BK.dtype)] if shift else [v_BK]
 
-    def normal_matvec(s_L: Tensor) -> Tensor:  # (Z'Z * G) s, through the sparse code
-        x_hat_BD = torch.einsum("bk,bkd->bd", v_BK * s_L[code.indices], rows_BKD)
-        back_BK = v_BK * torch.einsum("bkd,bd->bk", rows_BKD, x_hat_BD)
-        return torch.zeros_like(s_L).index_add_(0, code.indices.reshape(-1), back_BK.reshape(-1))
+    def gather(per_token_BK: Tensor) -> Tensor:  # design' applied: [len(columns) * n]
+        return torch.cat([torch.zeros(n, dtype=v_BK.dtype, device=v_BK.device).index_add_(
+            0, flat, (c * per_token_BK).reshape(-1)) for c in columns])
 
-    h_L = torch.zeros(d.n_latents, dtype=x_BD.dtype, device=x_BD.device).index_add_(
-        0, code.indices.reshape(-1),
-        (v_BK * torch.einsum("bkd,bd->bk", rows_BKD, target_BD)).reshape(-1))
-    fires_L = torch.zeros_like(h_L).index_add_(0, code.indices.reshape(-1),
-                                               (v_BK != 0).to(h_L.dtype).reshape(-1))
-    free_L = (fires_L >= min_fires).to(h_L.dtype)  # CG on the subspace of these latents
-    s_L = torch.ones_like(h_L)
-    r_L = (h_L - normal_matvec(s_L)) * free_L
-    p_L, rr = r_L.clone(), r_L @ r_L
-    eps = torch.finfo(h_L.dtype)
-    tol = (100 * eps.eps) ** 2 * (h_L @ h_L).clamp(min=eps.tiny)
+    def normal_matvec(theta: Tensor) -> Tensor:  # design' design theta, through the code
+        coef_BK = sum(c * theta[i * n:(i + 1) * n][code.indices] for i, c in enumerate(columns))
+        x_hat_BD = torch.einsum("bk,bkd->bd", coef_BK, rows_BKD)
+        return gather(torch.einsum("bkd,bd->bk", rows_BKD, x_hat_BD))
+
+    h = gather(torch.einsum("bkd,bd->bk", rows_BKD, target_BD))
+    fires_L = torch.zeros(n, dtype=v_BK.dtype, device=v_BK.device).index_add_(
+        0, flat, (v_BK != 0).to(v_BK.dtype).reshape(-1))
+    free = (fires_L >= min_fires).to(h.dtype).repeat(len(columns))  # CG on these latents
+    theta = torch.cat([torch.ones(n, dtype=h.dtype, device=h.device),
+                       torch.zeros(n * (len(columns) - 1), dtype=h.dtype, device=h.device)])
+    r = (h - normal_matvec(theta)) * free
+    p, rr = r.clone(), r @ r
+    eps = torch.finfo(h.dtype)
+    tol = (100 * eps.eps) ** 2 * (h @ h).clamp(min=eps.tiny)
     for _ in range(max_iter):
         if rr <= tol:
             break
-        Ap_L = normal_matvec(p_L) * free_L
-        alpha = rr / (p_L @ Ap_L)
-        s_L, r_L = s_L + alpha * p_L, r_L - alpha * Ap_L
-        rr, rr_old = r_L @ r_L, rr
-        p_L = r_L + (rr / rr_old) * p_L
-    return LatentScale(s_L)
+        Ap = normal_matvec(p) * free
+        alpha = rr / (p @ Ap)
+        theta, r = theta + alpha * p, r - alpha * Ap
+        rr, rr_old = r @ r, rr
+        p = r + (rr / rr_old) * p
+    return LatentScale(theta[:n], theta[n:] if shift else None)

@@ -129,11 +129,13 @@ def read_comparison(out: Path, config: dict[str, Any]) -> dict[str, Any] | None:
 
 def score_dictionary(lm: LanguageModel, sae: SAE, site: str, fit_windows: np.ndarray,
                      windows: np.ndarray, specs: Callable[[int], tuple[list[CoderSpec], int]],
-                     out: Path, *, about: dict[str, Any], batch_tokens: int = 1024
+                     out: Path, *, about: dict[str, Any], batch_tokens: int = 1024,
+                     spliced: Callable[[CoderSpec, int], bool] | None = None
                      ) -> dict[str, Any]:
     """Score one dictionary's coders on `windows`, after measuring its encoder's L0 (and
     fitting encoder-scaled) on `fit_windows`; `specs(matched_k)` gives the rows and the L0
-    they are matched at from the encoder's L0, rounded. Writes results.json, windows.npz,
+    they are matched at from the encoder's L0, rounded; `spliced(spec, matched_k)` which
+    rows get the LM metrics (default: all). Writes results.json, windows.npz,
     scale.safetensors (if fitted), the plots and report.html into `out`."""
     check_fits(lm, site, sae, str(about.get("model", lm.name)))
     held_out = site_activations(lm, site, fit_windows)
@@ -144,7 +146,8 @@ def score_dictionary(lm: LanguageModel, sae: SAE, site: str, fit_windows: np.nda
     if scale is not None:
         scale.save(out / "scale.safetensors")
     sweep = run_sweep(lm, sae, site, windows, rows, matched_k=matched_k, scale=scale,
-                      batch_tokens=batch_tokens)
+                      batch_tokens=batch_tokens,
+                      spliced=None if spliced is None else lambda s: spliced(s, matched_k))
     save_columns(sweep.columns, out / WINDOWS)
     results = {**about, "site": site, "n_latents": sae.n_latents,
                "d_model": sae.d_model, "architecture": sae.architecture,

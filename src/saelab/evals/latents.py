@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from saelab.activations import ActivationStore
-from saelab.coding import Coder, Method, SparseCode
+from saelab.coding import Coder, SparseCode
 from saelab.errors import SaelabError
 from saelab.evals.store_codes import check_sae_fits_store, coded_batches
+from saelab.evals.sweep import CoderName, CoderSpec
 from saelab.formats import load_sae
 from saelab.io import write_json
 from saelab.lm import LanguageModel, load_model
@@ -43,9 +44,10 @@ class DashboardConfig:
     and the unembedding."""
     out: Path
     """Folder for dashboard.html and latents.json."""
-    method: Method = "encoder"
+    method: CoderName = "encoder"
     """Coder whose code the dashboard shows: the SAE's encoder (or its support refitted), or
-    a pursuit on its dictionary. (encoder-scaled needs a fitted scale: not offered here.)"""
+    a pursuit on its dictionary; `nn-` first: non-negative (nn-gp). (encoder-scaled needs a
+    fitted scale: not offered here.)"""
     k: int | None = None
     """Latents per token for mp, gp and omp."""
     tokens: int = 20000
@@ -85,7 +87,8 @@ def latent_dashboard(cfg: DashboardConfig) -> dict[str, Any]:
     sae = load_sae(cfg.sae, device=cfg.device, input_scale=store.normalisation["norm_scale"])
     check_sae_fits_store(sae, store, allow_mismatch=cfg.allow_mismatch)
     n = min(cfg.tokens, len(store))
-    code = _code(store, Coder(sae, cfg.method, k=cfg.k), n, cfg)
+    spec = CoderSpec.named(cfg.method)
+    code = _code(store, Coder(sae, spec.coder, k=cfg.k, nonnegative=spec.nonnegative), n, cfg)
     counts_L = code.firing_counts(sae.n_latents)
     chosen = _choose(cfg, counts_L)
     acts_BA = activations_of(code, chosen, sae.n_latents)

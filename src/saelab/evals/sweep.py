@@ -9,7 +9,7 @@ and the clean pass is paid once.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -40,7 +40,15 @@ from saelab.evals.intervals import (
 from saelab.evals.metrics import LOG10_DENSITY_BINS, LatentUsage, ReconstructionMetrics
 from saelab.evals.overlap import jaccard, order_cosines, top_kept
 from saelab.evals.splice import CleanPass, clean_pass, spliced_loss
-from saelab.evals.windows import METRICS, PER_CODER, SHARED, WindowSums, coder_sums, shared_sums
+from saelab.evals.windows import (
+    LM_METRICS,
+    METRICS,
+    PER_CODER,
+    SHARED,
+    WindowSums,
+    coder_sums,
+    shared_sums,
+)
 from saelab.lm import LanguageModel
 from saelab.saes import SAE
 
@@ -105,6 +113,7 @@ class _Track:
     usage: LatentUsage
     sums: WindowSums = field(default_factory=lambda: WindowSums(PER_CODER))
     negative: int = 0
+    spliced: bool = True  # whether the reconstruction is spliced in (delta loss, KL)
     small: int = 0  # non-zero activations below SMALL_WEIGHT of their code's largest
     nonzero: int = 0
     seconds: float = 0.0
@@ -113,11 +122,16 @@ class _Track:
 
 def run_sweep(lm: LanguageModel, sae: SAE, site: str, windows: np.ndarray,
               specs: Sequence[CoderSpec], *, matched_k: int, scale: LatentScale | None = None,
-              batch_tokens: int = 1024, geometry_tokens: int = 512) -> Sweep:
-    """Score `specs` on `windows` [n, T] (int64 token ids, BOS first)."""
+              batch_tokens: int = 1024, geometry_tokens: int = 512,
+              spliced: Callable[[CoderSpec], bool] | None = None) -> Sweep:
+    """Score `specs` on `windows` [n, T] (int64 token ids, BOS first). `spliced` says which
+    rows are spliced into the model for the LM metrics (default all): a spliced row costs
+    a forward pass and the full vocabulary head per batch, a row that is not costs only its
+    coding, and its delta loss, KL and loss recovered are None."""
     W_dec, b_dec = sae.W_dec.detach(), sae.b_dec.detach()
     tracks = [_Track(s, Coder(sae, s.coder, k=s.k, nonnegative=s.nonnegative, scale=scale),
-                     ReconstructionMetrics(), LatentUsage(sae.n_latents)) for s in specs]
+                     ReconstructionMetrics(), LatentUsage(sae.n_latents),
+                     spliced=spliced is None or spliced(s)) for s in specs]
     matched = [t for t in tracks if t.spec.k in (None, matched_k)]
     pairs = np.zeros((len(matched), len(matched)))
     kept = np.zeros(len(matched))
@@ -160,7 +174,10 @@ def _score(t: _Track, lm: LanguageModel, site: str, clean: CleanPass, x_BD: Tens
         t.small += int((live & (size < SMALL_WEIGHT * size.amax(dim=1, keepdim=True))).sum())
         t.nonzero += int(live.sum())
     x_hat_BTD = x_hat_BD.view_as(clean.activations)
-    loss, kl = spliced_loss(lm, site, clean, x_hat_BTD)
+    if t.spliced:
+        loss, kl = spliced_loss(lm, site, clean, x_hat_BTD)
+    else:  # reconstruction only: no forward pass, the LM metrics stay NaN
+        loss = kl = torch.full_like(clean.loss, float("nan"))
     t.sums.add(**coder_sums(clean.activations, x_hat_BTD,
                             code.l0().view(clean.activations.shape[:2]), loss, kl))
     return code
@@ -201,12 +218,14 @@ def _results(tracks: list[_Track], matched: list[_Track], jac: np.ndarray, kept:
     for t in tracks:
         r, u = t.recon.result(), t.usage.result()
         cols = columns[t.spec.label]
-        ci = {name: interval(metric, cols, counts) for name, metric in METRICS.items()}
+        ci = {name: interval(metric, cols, counts) for name, metric in METRICS.items()
+              if t.spliced or name not in LM_METRICS}
         row = {"coder": t.spec.coder, "name": t.spec.name, "k": t.spec.k, "label": t.spec.label,
                "nonnegative": t.spec.nonnegative,
-               **{name: i.value for name, i in ci.items()},
+               **{name: ci[name].value if name in ci else None for name in METRICS},
                "mse": r["mse"], "cosine": r["cosine"],
-               "loss": float(totals["clean"] / totals["positions"]) + ci["delta_loss"].value,
+               "loss": float(totals["clean"] / totals["positions"]) + ci["delta_loss"].value
+               if t.spliced else None, "spliced": t.spliced,
                "intervals": {name: [i.low, i.high] for name, i in ci.items()},
                "dead": u["dead"], "dead_fraction": u["dead_fraction"],
                "dense": u["dense"], "negative_fraction": t.negative / max(
@@ -217,7 +236,8 @@ def _results(tracks: list[_Track], matched: list[_Track], jac: np.ndarray, kept:
             row["vs_encoder"] = {
                 name: _difference(paired_difference(metric, cols, columns[encoder.spec.label],
                                                     counts))
-                for name, metric in METRICS.items() if name != "l0"}
+                for name, metric in METRICS.items()
+                if name != "l0" and (t.spliced and encoder.spliced or name not in LM_METRICS)}
         rows.append(row)
     samples = {t.spec.label: np.abs(t.usage.value_sample()) for t in matched}
     pooled = np.concatenate([s[s > 0] for s in samples.values()] or [np.ones(1)])

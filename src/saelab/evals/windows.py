@@ -46,8 +46,7 @@ METRICS: dict[str, Callable[[Columns], np.ndarray]] = {
 }
 """Each metric from the sums over a set of windows (leading resample axes kept)."""
 
-HIGHER_IS_BETTER = {"fvu": False, "l0": False, "delta_loss": False, "kl": False,
-                    "loss_recovered": True}
+LM_METRICS = ("delta_loss", "kl", "loss_recovered")  # those that need the reconstruction spliced in
 
 
 class WindowSums:

@@ -43,7 +43,9 @@ def answer(results: dict[str, Any]) -> list[str]:
            f"latents per token (pursuits matched at k={k}). Intervals are 95 % percentile "
            "bootstraps over windows."]
     for key, what, fmt in (("fvu", "FVU", ".4f"), ("delta_loss", "delta loss", ".4f")):
-        ranked = sorted(rows.values(), key=lambda r: r[key])
+        ranked = sorted((r for r in rows.values() if r[key] is not None), key=lambda r: r[key])
+        if not ranked:
+            continue
         listing = ", ".join(f"{r['name']} {with_interval(r, key, fmt)}" for r in ranked)
         out.append(f"By {what} at that L0 the best coder is {ranked[0]['name']}; in order: "
                    f"{listing}.")
@@ -99,13 +101,16 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
 
 def _value(row: dict[str, Any], key: str) -> Any:
     if key.endswith("_ci"):
-        low, high = row["intervals"][key.removesuffix("_ci")]
-        return f"[{low:.4g}, {high:.4g}]"
+        bounds = row["intervals"].get(key.removesuffix("_ci"))
+        return "" if bounds is None else f"[{bounds[0]:.4g}, {bounds[1]:.4g}]"
     return row[key]
 
 
 def cell(v: Any) -> str:
-    """A table cell's text: floats to 4 significant digits, large ones with separators."""
+    """A table cell's text: floats to 4 significant digits, large ones with separators;
+    nothing for a value not measured (None)."""
+    if v is None:
+        return ""
     if isinstance(v, float):
         return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
     return html.escape(str(v))

@@ -77,7 +77,10 @@ def colour(name: str) -> str | None:
 def _pareto(ax: Axes, results: dict[str, Any], key: str, label: str) -> None:
     both_signs = len({r["nonnegative"] for r in results["rows"] if r["k"] is not None}) > 1
     for name in dict.fromkeys(r["name"] for r in results["rows"]):
-        rows = sorted((r for r in results["rows"] if r["name"] == name), key=lambda r: r["l0"])
+        rows = sorted((r for r in results["rows"] if r["name"] == name and r[key] is not None),
+                      key=lambda r: r["l0"])
+        if not rows:
+            continue
         l0 = [r["l0"] for r in rows]
         y = np.asarray([r[key] for r in rows])
         low, high = (np.asarray([r["intervals"][key][i] for r in rows]) for i in (0, 1))
@@ -87,7 +90,7 @@ def _pareto(ax: Axes, results: dict[str, Any], key: str, label: str) -> None:
                     label=name, markersize=5, capsize=2, elinewidth=0.8)
     ax.axvline(results["encoder_l0"], color="#999999", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
-    if key == "fvu" or all(r[key] > 0 for r in results["rows"]):
+    if key == "fvu" or all(r[key] is None or r[key] > 0 for r in results["rows"]):
         ax.set_yscale("log")
     ax.set_xlabel("L0 (mean non-zero latents per token)")
     ax.set_ylabel(label)

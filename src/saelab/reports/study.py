@@ -58,6 +58,9 @@ def write_study_plots(results: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _errorbar(ax: Axes, rows: list[dict[str, Any]], x: str, y: str, **kw: Any) -> None:
+    rows = [r for r in rows if r[y] is not None]
+    if not rows:
+        return
     xs = np.asarray([r[x] for r in rows], dtype=float)
     ys = np.asarray([r[y] for r in rows], dtype=float)
     lo = np.asarray([r["intervals"][y][0] for r in rows])
@@ -191,7 +194,7 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
 
 def _with_interval(row: dict[str, Any], key: str) -> str:
     text = cell(row[key])
-    if key in row.get("intervals", {}) and key != "l0":
+    if key in row["intervals"] and key != "l0":
         low, high = row["intervals"][key]
         text += f" <small>[{low:.4g}, {high:.4g}]</small>"
     return text

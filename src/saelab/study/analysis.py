@@ -39,7 +39,7 @@ def gather(spec: StudySpec, evaluations: Mapping[str, dict[str, Any]],
             "encoder_l0": ev["encoder_l0"], "n_latents": ev["n_latents"], "sae": ev["sae"],
             "sparsity_coef": outcome.get("sparsity_coef"),
             "warnings": outcome.get("warnings", []), "final_training": outcome.get("final", {}),
-            "matched_k": ev["matched_k"]}
+            "matched_k": ev["matched_k"], "selection_cosine": ev["geometry"]["mean"]}
         for r in ev["rows"]:
             rows.append({"dictionary": entry.name, "architecture": ev["architecture"],
                          "training_l0": training_l0,
@@ -66,6 +66,8 @@ def _comparisons(name: str, ev: dict[str, Any], columns: dict[str, dict[str, Any
     for r in ito:
         for b in base:
             for metric in COMPARED:
+                if r[metric] is None or b[metric] is None:
+                    continue
                 d = paired_difference(METRICS[metric], columns[r["label"]],
                                       columns[b["label"]], counts)
                 out.append({"dictionary": name, "architecture": ev["architecture"],
@@ -148,8 +150,14 @@ def _part_b(results: dict[str, Any]) -> list[str]:
 
 
 def _part_c(results: dict[str, Any]) -> list[str]:
-    """The weight profile: the share of each code's weights below 10 % of its largest."""
+    """The selection quirk (the cosine of each newly chosen latent to the span of those
+    chosen before it; 0 is orthogonal) and the weight profile (the share of each code's
+    weights below 10 % of its largest), per dictionary at its matched L0."""
     out = []
+    for name, d in results["dictionaries"].items():
+        listing = ", ".join(f"{label} {v:.3f}" for label, v in d["selection_cosine"].items())
+        out.append(f"{name}: mean cosine of a newly chosen latent to the span of those "
+                   f"already chosen: {listing}.")
     for name, d in results["dictionaries"].items():
         rows = {r["name"]: r for r in results["rows"] if r["dictionary"] == name
                 and r["matched"]}

@@ -102,6 +102,7 @@ def _evaluate(spec: StudySpec, entry: DictionaryEntry, lm: LanguageModel,
     folder = out / "evals" / entry.name
     source = str(out / "dictionaries" / entry.name) if entry.trained else str(entry.sae)
     config = {"sae": source, "coders": list(spec.coders), "ks": list(spec.ks),
+              "spliced_at_every_k": list(spec.spliced_at_every_k),
               "windows": int(len(windows)), "fit_windows": int(len(fit_windows)),
               "first_window": windows[0].tolist(), "batch_tokens": spec.batch_tokens}
     done = read_comparison(folder, config)
@@ -109,14 +110,17 @@ def _evaluate(spec: StudySpec, entry: DictionaryEntry, lm: LanguageModel,
         return done
     torch.manual_seed(spec.seed)
     sae = load_sae(source, device=spec.device)
-    coders, ks = spec.coders, spec.ks
+    coders, ks, every_k = spec.coders, spec.ks, spec.spliced_at_every_k
 
     def specs(matched_k: int) -> tuple[list[CoderSpec], int]:
         return plan(coders, ks, matched_k), matched_k
 
+    def spliced(row: CoderSpec, matched_k: int) -> bool:
+        return "all" in every_k or row.k in (None, matched_k) or row.name in every_k
+
     return score_dictionary(lm, sae, spec.site, fit_windows, windows, specs, folder,
                             about={"model": spec.model, "sae": source, "dictionary": entry.name},
-                            batch_tokens=spec.batch_tokens)
+                            batch_tokens=spec.batch_tokens, spliced=spliced)
 
 
 def _training_outcome(out: Path, entry: DictionaryEntry) -> dict[str, Any]:

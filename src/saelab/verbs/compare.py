@@ -30,7 +30,7 @@ def compare_summary(result: Compared) -> list[str]:
              f"{'recovered':>10}"]
     lines += [f"{r['label']:<22} {r['l0']:>7.2f} {r['fvu']:>8.4f} {r['delta_loss']:>11.4f} "
               f"{_ci(r['intervals']['delta_loss']):>18} {r['loss_recovered']:>10.3f}"
-              for r in result.results["rows"]]
+              for r in result.results["rows"]]  # compare splices every row
     return [*lines, *answer(result.results),
             f"done in {result.seconds:.0f} s; report: {result.out / 'report.html'}"]
 

@@ -11,10 +11,16 @@ from typing import Any
 import torch
 
 from saelab.activations import ActivationStore
-from saelab.coding import Coder, LatentScale, Method, SparseCode, fit_scale
+from saelab.coding import Coder, LatentScale, SparseCode, fit_scale
 from saelab.config import Verb
 from saelab.errors import SaelabError
-from saelab.evals import ReconstructionMetrics, check_sae_fits_store, coded_batches
+from saelab.evals import (
+    CoderName,
+    CoderSpec,
+    ReconstructionMetrics,
+    check_sae_fits_store,
+    coded_batches,
+)
 from saelab.formats import load_sae
 from saelab.saes import SAE
 
@@ -30,15 +36,14 @@ class DecomposeConfig:
     """Activation store from `saelab cache` (OUT or OUT/SITE)."""
     out: Path
     """File for the codes (safetensors: indices and values, [tokens, k])."""
-    method: Method = "gp"
+    method: CoderName = "gp"
     """Coder: the SAE's encoder, its support refitted, its code rescaled, or matching /
-    gradient / orthogonal matching pursuit."""
+    gradient / orthogonal matching pursuit; `nn-` first keeps latent activations >= 0 (the
+    non-negative pursuits and NNLS refit: nn-gp, nn-encoder-refit, ...)."""
     k: int | None = None
     """Latents per token for mp, gp and omp."""
     tol: float | None = None
     """mp/gp/omp: also stop a token once its residual norm is below tol times its norm."""
-    nonnegative: bool = False
-    """Keep latent activations >= 0 (the non-negative pursuits and NNLS refit)."""
     scale: Path | None = None
     """encoder-scaled: a scale file to reuse; without one, a per-latent scale is fitted on
     the store's last --fit-tokens rows (not coded) and saved beside --out."""
@@ -69,7 +74,8 @@ def run_decompose(cfg: DecomposeConfig) -> dict[str, Any]:
         scale = _scale(cfg, sae, store)
         if cfg.scale is None:
             n = min(n, len(store) - cfg.fit_tokens)
-    coder = Coder(sae, cfg.method, k=cfg.k, tol=cfg.tol, nonnegative=cfg.nonnegative,
+    spec = CoderSpec.named(cfg.method)
+    coder = Coder(sae, spec.coder, k=cfg.k, tol=cfg.tol, nonnegative=spec.nonnegative,
                   scale=scale, bf16_screen=cfg.bf16_screen)
     metrics, codes = ReconstructionMetrics(), []
     W_dec, b_dec = sae.W_dec.detach(), sae.b_dec.detach()

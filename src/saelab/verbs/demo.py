@@ -1,7 +1,8 @@
 """`saelab demo`: the embedded default end to end, in four stages: cache activations of
 Gemma 3 270M on the built-in corpus, train a TopK SAE on them, compare the encoder with
-inference-time optimisation on held-out text, and draw dashboards of a sample of latents
-under the encoder and under gradient pursuit; then say where the report is.
+inference-time optimisation (non-negative pursuits, as the encoder's code and the published
+ITO are) on held-out text, and draw dashboards of a sample of latents under the encoder and
+under non-negative gradient pursuit; then say where the report is.
 
 Every stage keeps its output in the demo folder and is a library call (the same the verbs
 make). The first three are reused when the demo runs again with the same settings (the cache
@@ -87,7 +88,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     for sentence in answer(results):
         say("  " + sentence)
     with _stage(seconds, "inspect", f"4/4 dashboards of {s.dashboard_latents} latents under the "
-                f"encoder and under gp (k={s.k}), on {s.dashboard_tokens} tokens"):
+                f"encoder and under nn-gp (k={s.k}), on {s.dashboard_tokens} tokens"):
         dashboards = _dashboards(cfg.out, store.path, s)
     write_json(cfg.out / "timings.json", seconds)
     say("stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) +
@@ -99,15 +100,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 def _dashboards(out: Path, activations: Path, s: _Settings) -> list[Path]:
     """The same latents (drawn from those the encoder fires) under the encoder and under
-    gradient pursuit at the SAE's k, so the two pages can be read side by side."""
+    non-negative gradient pursuit at the SAE's k, so the two pages can be read side by side."""
     common = {"sae": str(out / "sae"), "activations": activations,
               "tokens": s.dashboard_tokens}
     encoder = latent_dashboard(DashboardConfig(out=out / "dashboard-encoder",
                                                sample=s.dashboard_latents, **common))
     latents = tuple(entry["latent"] for entry in encoder["latents"])
-    latent_dashboard(DashboardConfig(out=out / "dashboard-gp", method="gp", k=s.k,
+    latent_dashboard(DashboardConfig(out=out / "dashboard-nn-gp", method="nn-gp", k=s.k,
                                      latents=latents, **common))
-    return [out / f"dashboard-{name}" / "dashboard.html" for name in ("encoder", "gp")]
+    return [out / f"dashboard-{name}" / "dashboard.html" for name in ("encoder", "nn-gp")]
 
 
 @contextmanager
