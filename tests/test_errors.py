@@ -300,6 +300,11 @@ def nan_sae(c: Ctx) -> Path:
     return sl.write_sae(sae, c.tmp / "nan-sae")
 
 
+def study_argv(c: Ctx, content: dict[str, Any]) -> list[Any]:
+    """`saelab study` on a study file holding `content`."""
+    return ["study", "--config", c.text("study.json", json.dumps(content)), "--out", c.out]
+
+
 def decompose_argv(c: Ctx, *extra: Any, sae: Path | None = None,
                    store: Path | None = None) -> list[Any]:
     return ["decompose", "--sae", sae or c.w.sae, "--activations", store or c.w.store,
@@ -659,7 +664,7 @@ CASES: dict[str, Cli | Py] = {
     # evals
     "evals/comparison.py::_site::the SAE does not say which site it reads":
         Cli(lambda c: evaluate_argv(c, sae=sae_folder(c, site=None))),
-    "evals/comparison.py::_site::the SAE does not fit {} of {}":
+    "evals/comparison.py::check_fits::the SAE does not fit {} of {}":
         Cli(lambda c: evaluate_argv(c, sae=sae_folder(c, d=32))),
     "evals/comparison.py::corpus_windows::corpus {} is too short for this evaluation":
         Cli(lambda c: evaluate_argv(c, "--corpus", c.text("short.txt", "a few words"))),
@@ -680,7 +685,23 @@ CASES: dict[str, Cli | Py] = {
     "evals/store_codes.py::check_sae_fits_store::the SAE was trained on another model than "
     "the store's": Cli(lambda c: decompose_argv(
         c, "--method", "encoder", sae=sae_folder(c, model="someone/other-model"))),
-    "evals/sweep.py::plan::unknown coder {}": Py(lambda c: plan(["lasso"], [8], 4)),
+    "evals/sweep.py::CoderSpec.named::unknown coder {}": Py(lambda c: plan(["lasso"], [8], 4)),
+    # study
+    "study/spec.py::DictionaryEntry.__post_init__::study dictionary {} needs exactly one source":
+        Cli(lambda c: study_argv(c, {"dictionaries": [{"name": "a"}]})),
+    "study/spec.py::StudySpec.__post_init__::a study needs dictionaries with distinct names":
+        Cli(lambda c: study_argv(c, {"dictionaries": [{"name": "a", "sae": "x"},
+                                                      {"name": "a", "sae": "y"}]})),
+    "study/spec.py::StudySpec.__post_init__::unknown coder {} in the study":
+        Cli(lambda c: study_argv(c, {"coders": ["encoder", "lasso"]})),
+    "study/spec.py::read_spec::cannot read study file {}":
+        Cli(lambda c: ["study", "--config", c.text("s.json", "{not json"), "--out", c.out]),
+    "study/spec.py::read_spec::dictionary {} of {} is malformed":
+        Cli(lambda c: study_argv(c, {"dictionaries": [{"architecture": "topk"}]})),
+    "study/spec.py::read_spec::study file {} does not exist":
+        Cli(lambda c: ["study", "--config", c.tmp / "missing.toml", "--out", c.out]),
+    "study/spec.py::read_spec::study file {} has unknown settings":
+        Cli(lambda c: study_argv(c, {"n_latent": 4096})),
     # formats
     "formats/build.py::build_sae::{}: W_dec is not a matrix":
         Cli(lambda c: ["info", gemma_scope(c, W_dec=np.ones(N, np.float32))]),

@@ -94,6 +94,9 @@ def test_study_trains_loads_every_layout_and_compares_rows_it_holds(tmp_path, ti
                        "nn-gp k=4"}
     assert results["dictionaries"]["topk-4"]["training_l0"] == 4
     assert results["answers"]["a"] and results["answers"]["b"]
+    assert any("first order" in line for line in results["answers"]["d"])
+    assert all(r["attributed_delta_loss"] is not None and 0 <= r["error_top_share"] <= 1
+               for r in results["rows"] if r["matched"])
     out = tmp_path / "study"
     page = (out / "report.html").read_text()
     assert "(a) Does non-negative gradient pursuit" in page and "<svg" in page

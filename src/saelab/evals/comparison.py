@@ -130,12 +130,15 @@ def read_comparison(out: Path, config: dict[str, Any]) -> dict[str, Any] | None:
 def score_dictionary(lm: LanguageModel, sae: SAE, site: str, fit_windows: np.ndarray,
                      windows: np.ndarray, specs: Callable[[int], tuple[list[CoderSpec], int]],
                      out: Path, *, about: dict[str, Any], batch_tokens: int = 1024,
-                     spliced: Callable[[CoderSpec, int], bool] | None = None
+                     spliced: Callable[[CoderSpec, int], bool] | None = None,
+                     attribution: bool = False, principal_directions: int = 0
                      ) -> dict[str, Any]:
     """Score one dictionary's coders on `windows`, after measuring its encoder's L0 (and
     fitting encoder-scaled) on `fit_windows`; `specs(matched_k)` gives the rows and the L0
     they are matched at from the encoder's L0, rounded; `spliced(spec, matched_k)` which
-    rows get the LM metrics (default: all). Writes results.json, windows.npz,
+    rows get the LM metrics (default: all); `attribution` and `principal_directions` (m) add
+    each row's first-order predicted delta loss and its error's share in the held-out
+    activations' top m principal directions (see `run_sweep`). Writes results.json, windows.npz,
     scale.safetensors (if fitted), the plots and report.html into `out`."""
     check_fits(lm, site, sae, str(about.get("model", lm.name)))
     held_out = site_activations(lm, site, fit_windows)
@@ -145,20 +148,35 @@ def score_dictionary(lm: LanguageModel, sae: SAE, site: str, fit_windows: np.nda
         else None
     if scale is not None:
         scale.save(out / "scale.safetensors")
+    principal, variance_share = principal_axes(held_out, principal_directions)
     sweep = run_sweep(lm, sae, site, windows, rows, matched_k=matched_k, scale=scale,
                       batch_tokens=batch_tokens,
-                      spliced=None if spliced is None else lambda s: spliced(s, matched_k))
+                      spliced=None if spliced is None else lambda s: spliced(s, matched_k),
+                      attribution=attribution, principal=principal)
     save_columns(sweep.columns, out / WINDOWS)
     results = {**about, "site": site, "n_latents": sae.n_latents,
                "d_model": sae.d_model, "architecture": sae.architecture,
                "encoder_l0": encoder_l0, "context_size": int(windows.shape[1]),
                "tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
                "fit_tokens": int(fit_windows.shape[0] * (fit_windows.shape[1] - 1)),
+               "principal": {"directions": principal_directions,
+                             "variance_share": variance_share},
                **sweep.results}
     write_json(out / RESULTS, results)
     write_plots(results, out)
     write_report(results, out)
     return results
+
+
+def principal_axes(x_ND: torch.Tensor, m: int) -> tuple[torch.Tensor | None, float | None]:
+    """The top m principal directions of the rows x [d, m] (orthonormal columns, from the
+    centred rows' SVD in float64) and the share of the centred variance they hold."""
+    if m <= 0:
+        return None, None
+    centred = x_ND.double() - x_ND.double().mean(dim=0)
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    share = float((s[:m] ** 2).sum() / (s ** 2).sum())
+    return vh[:m].T.to(x_ND.dtype).contiguous(), share
 
 
 def _site(cfg: EvalOptions, sae: SAE) -> str:

@@ -41,9 +41,11 @@ from saelab.evals.metrics import LOG10_DENSITY_BINS, LatentUsage, Reconstruction
 from saelab.evals.overlap import jaccard, order_cosines, top_kept
 from saelab.evals.splice import CleanPass, clean_pass, spliced_loss
 from saelab.evals.windows import (
+    ATTRIBUTION_METRICS,
     LM_METRICS,
     METRICS,
     PER_CODER,
+    PRINCIPAL_METRICS,
     SHARED,
     WindowSums,
     coder_sums,
@@ -123,11 +125,15 @@ class _Track:
 def run_sweep(lm: LanguageModel, sae: SAE, site: str, windows: np.ndarray,
               specs: Sequence[CoderSpec], *, matched_k: int, scale: LatentScale | None = None,
               batch_tokens: int = 1024, geometry_tokens: int = 512,
-              spliced: Callable[[CoderSpec], bool] | None = None) -> Sweep:
+              spliced: Callable[[CoderSpec], bool] | None = None, attribution: bool = False,
+              principal: Tensor | None = None) -> Sweep:
     """Score `specs` on `windows` [n, T] (int64 token ids, BOS first). `spliced` says which
     rows are spliced into the model for the LM metrics (default all): a spliced row costs
     a forward pass and the full vocabulary head per batch, a row that is not costs only its
-    coding, and its delta loss, KL and loss recovered are None."""
+    coding, and its delta loss, KL and loss recovered are None. With `attribution`, each
+    batch also gets the clean loss's gradient at the site (one backward pass, shared by the
+    coders) and each row the first-order prediction of its delta loss; with `principal`
+    (orthonormal directions [d, m]), each row the share of its error in their span."""
     W_dec, b_dec = sae.W_dec.detach(), sae.b_dec.detach()
     tracks = [_Track(s, Coder(sae, s.coder, k=s.k, nonnegative=s.nonnegative, scale=scale),
                      ReconstructionMetrics(), LatentUsage(sae.n_latents),
@@ -145,9 +151,11 @@ def run_sweep(lm: LanguageModel, sae: SAE, site: str, windows: np.ndarray,
             x_BD = clean.activations.reshape(-1, clean.activations.shape[-1]).float()
             zero = spliced_loss(lm, site, clean, torch.zeros_like(clean.activations))[0]
             shared.add(**shared_sums(clean.activations, clean.loss, zero))
+            gradient = lm.loss_gradient(ids, site) if attribution else None
             codes = {}
             for t in tracks:
-                code = _score(t, lm, site, clean, x_BD, W_dec, b_dec, trace=start == 0)
+                code = _score(t, lm, site, clean, x_BD, W_dec, b_dec, trace=start == 0,
+                              gradient=gradient, principal=principal)
                 if start == 0:
                     t.geometry.append(_geometry(t, code[:geometry_tokens], code.trace, W_dec))
                 codes[t.spec] = code
@@ -155,12 +163,15 @@ def run_sweep(lm: LanguageModel, sae: SAE, site: str, windows: np.ndarray,
             _overlap(matched, codes, sae.n_latents, pairs, kept)
     n_batches = -(-len(windows) // per_batch)
     columns = {t.spec.label: {**shared.columns(), **t.sums.columns()} for t in tracks}
+    missing = (() if attribution else ATTRIBUTION_METRICS) + (
+        () if principal is not None else PRINCIPAL_METRICS)
     return Sweep(_results(tracks, matched, pairs / n_batches, kept / n_batches, columns,
-                          matched_k), columns)
+                          matched_k, missing), columns)
 
 
 def _score(t: _Track, lm: LanguageModel, site: str, clean: CleanPass, x_BD: Tensor,
-           W_dec: Tensor, b_dec: Tensor, trace: bool) -> SparseCode:
+           W_dec: Tensor, b_dec: Tensor, trace: bool, gradient: Tensor | None,
+           principal: Tensor | None) -> SparseCode:
     began = time.perf_counter()
     code = t.coder(x_BD, return_trace=trace and t.spec.coder in PURSUIT_METHODS)
     t.seconds += time.perf_counter() - began
@@ -179,7 +190,8 @@ def _score(t: _Track, lm: LanguageModel, site: str, clean: CleanPass, x_BD: Tens
     else:  # reconstruction only: no forward pass, the LM metrics stay NaN
         loss = kl = torch.full_like(clean.loss, float("nan"))
     t.sums.add(**coder_sums(clean.activations, x_hat_BTD,
-                            code.l0().view(clean.activations.shape[:2]), loss, kl))
+                            code.l0().view(clean.activations.shape[:2]), loss, kl,
+                            gradient, principal))
     return code
 
 
@@ -209,7 +221,8 @@ def _overlap(matched: list[_Track], codes: dict[CoderSpec, SparseCode], n_latent
 
 
 def _results(tracks: list[_Track], matched: list[_Track], jac: np.ndarray, kept: np.ndarray,
-             columns: dict[str, Columns], matched_k: int) -> dict[str, Any]:
+             columns: dict[str, Columns], matched_k: int, missing: tuple[str, ...]
+             ) -> dict[str, Any]:
     some = next(iter(columns.values()))
     totals = weighted(some, np.ones(len(some["tokens"])))
     counts = resample_counts(len(some["tokens"]))
@@ -218,8 +231,9 @@ def _results(tracks: list[_Track], matched: list[_Track], jac: np.ndarray, kept:
     for t in tracks:
         r, u = t.recon.result(), t.usage.result()
         cols = columns[t.spec.label]
-        ci = {name: interval(metric, cols, counts) for name, metric in METRICS.items()
-              if t.spliced or name not in LM_METRICS}
+        measured = [name for name in METRICS if name not in missing
+                    and (t.spliced or name not in LM_METRICS)]
+        ci = {name: interval(METRICS[name], cols, counts) for name in measured}
         row = {"coder": t.spec.coder, "name": t.spec.name, "k": t.spec.k, "label": t.spec.label,
                "nonnegative": t.spec.nonnegative,
                **{name: ci[name].value if name in ci else None for name in METRICS},
@@ -237,7 +251,8 @@ def _results(tracks: list[_Track], matched: list[_Track], jac: np.ndarray, kept:
                 name: _difference(paired_difference(metric, cols, columns[encoder.spec.label],
                                                     counts))
                 for name, metric in METRICS.items()
-                if name != "l0" and (t.spliced and encoder.spliced or name not in LM_METRICS)}
+                if name in measured and name != "l0" and (encoder.spliced
+                                                          or name not in LM_METRICS)}
         rows.append(row)
     samples = {t.spec.label: np.abs(t.usage.value_sample()) for t in matched}
     pooled = np.concatenate([s[s > 0] for s in samples.values()] or [np.ones(1)])

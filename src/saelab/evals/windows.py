@@ -23,7 +23,7 @@ from saelab.evals.intervals import Columns
 from saelab.io import atomic_write
 
 SHARED = ("tokens", "sq_norm", "sum_x", "positions", "clean", "zero")  # the same for every coder
-PER_CODER = ("sq_err", "l0_sum", "loss", "kl")
+PER_CODER = ("sq_err", "l0_sum", "loss", "kl", "attribution", "sq_err_top")
 
 
 def _fvu(s: Columns) -> np.ndarray:
@@ -43,10 +43,14 @@ METRICS: dict[str, Callable[[Columns], np.ndarray]] = {
     "delta_loss": lambda s: (s["loss"] - s["clean"]) / s["positions"],
     "kl": lambda s: s["kl"] / s["positions"],
     "loss_recovered": _loss_recovered,
+    "attributed_delta_loss": lambda s: s["attribution"] / s["positions"],
+    "error_top_share": lambda s: s["sq_err_top"] / np.maximum(s["sq_err"], 1e-300),
 }
 """Each metric from the sums over a set of windows (leading resample axes kept)."""
 
 LM_METRICS = ("delta_loss", "kl", "loss_recovered")  # those that need the reconstruction spliced in
+ATTRIBUTION_METRICS = ("attributed_delta_loss",)  # those that need the clean loss's gradient
+PRINCIPAL_METRICS = ("error_top_share",)  # those that need the activations' principal directions
 
 
 class WindowSums:
@@ -80,13 +84,24 @@ def shared_sums(x_BTD: Tensor, clean_loss_BP: Tensor, zero_loss_BP: Tensor) -> C
 
 
 def coder_sums(x_BTD: Tensor, x_hat_BTD: Tensor, l0_BT: Tensor, loss_BP: Tensor,
-               kl_BP: Tensor) -> Columns:
-    """One coder's columns for one batch of windows (shapes as `shared_sums`)."""
-    err = (x_BTD.double() - x_hat_BTD.double()).pow(2).sum(dim=(1, 2))
-    return {"sq_err": err.detach().cpu().numpy(),
+               kl_BP: Tensor, gradient_BTD: Tensor | None = None,
+               principal_DM: Tensor | None = None) -> Columns:
+    """One coder's columns for one batch of windows (shapes as `shared_sums`): with the
+    clean loss's gradient at the site, the error's first-order effect on the loss
+    g . (x_hat - x); with orthonormal principal directions [d, m], the error's squared norm
+    in their span. Columns not computed are NaN."""
+    err_BTD = x_hat_BTD.double() - x_BTD.double()
+    n = len(err_BTD)
+    nan = np.full(n, np.nan)
+    attribution = nan if gradient_BTD is None else \
+        (err_BTD * gradient_BTD.double()).sum(dim=(1, 2)).cpu().numpy()
+    top = nan if principal_DM is None else \
+        (err_BTD @ principal_DM.double()).pow(2).sum(dim=(1, 2)).cpu().numpy()
+    return {"sq_err": err_BTD.pow(2).sum(dim=(1, 2)).detach().cpu().numpy(),
             "l0_sum": l0_BT.detach().double().sum(dim=1).cpu().numpy(),
             "loss": loss_BP.detach().double().sum(dim=1).cpu().numpy(),
-            "kl": kl_BP.detach().double().sum(dim=1).cpu().numpy()}
+            "kl": kl_BP.detach().double().sum(dim=1).cpu().numpy(),
+            "attribution": attribution, "sq_err_top": top}
 
 
 def save_columns(columns: dict[str, Columns], path: Path) -> None:

@@ -81,9 +81,10 @@ def read_sites(model: nn.Module, sites: Sequence[Site], input_ids: Tensor,
 
 
 def spliced_logits(model: nn.Module, input_ids: Tensor, splices: Mapping[Site, SiteFn],
-                   attention_mask: Tensor | None = None) -> Tensor:
-    """Logits [batch, pos, vocab] with each site's value replaced by its function's output."""
-    with hooked(model, splices), torch.inference_mode():
+                   attention_mask: Tensor | None = None, *, grad: bool = False) -> Tensor:
+    """Logits [batch, pos, vocab] with each site's value replaced by its function's output;
+    with `grad`, the pass keeps its graph (for a gradient with respect to a spliced value)."""
+    with hooked(model, splices), (torch.enable_grad() if grad else torch.inference_mode()):
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.logits
 

@@ -82,6 +82,26 @@ class LanguageModel:
         return spliced_logits(self.hf_model, input_ids.to(self.device), splices,
                               None if attention_mask is None else attention_mask.to(self.device))
 
+    def loss_gradient(self, input_ids: Tensor, site: str) -> Tensor:
+        """d(summed next-token cross-entropy) / d(the site's value) at positions 1 .. T-1
+        [batch, T - 1, width], the loss summed over the positions 1 .. T-2 a splice is scored
+        on (BOS is neither replaced nor scored): the first-order effect on the loss of any
+        change to the site's value, g . (x_hat - x)."""
+        leaf: dict[str, Tensor] = {}
+
+        def open_up(x: Tensor) -> Tensor:
+            leaf["v"] = x[:, 1:].detach().clone().requires_grad_(True)
+            return torch.cat([x[:, :1].detach(), leaf["v"]], dim=1)
+
+        ids = input_ids.to(self.device)
+        logits = spliced_logits(self.hf_model, ids, {self.site(site): open_up}, grad=True)
+        scored = logits[:, 1:-1]
+        scored = scored.to(torch.promote_types(scored.dtype, torch.float32))
+        loss = torch.nn.functional.cross_entropy(scored.reshape(-1, scored.shape[-1]),
+                                                 ids[:, 2:].reshape(-1), reduction="sum")
+        (g,) = torch.autograd.grad(loss, [leaf["v"]])
+        return g.detach()
+
     def final_hidden(self, input_ids: Tensor,
                      splice: Mapping[str, Callable[[Tensor], Tensor | None]] | None = None
                      ) -> Tensor:

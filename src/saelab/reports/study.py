@@ -30,7 +30,8 @@ STUDY_PLOTS = {
 PART_TITLES = {"a": "(a) Does non-negative gradient pursuit beat the encoder and its fixes "
                     "at matched L0?",
                "b": "(b) Decoders trained at higher L0, under ITO at a fixed test L0",
-               "c": "(c) The weight profile"}
+               "c": "(c) The selection quirk and the weight profile",
+               "d": "(d) Why a lower FVU can cost more loss"}
 
 
 def write_study_plots(results: dict[str, Any], out: Path) -> list[Path]:

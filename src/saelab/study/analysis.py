@@ -39,7 +39,9 @@ def gather(spec: StudySpec, evaluations: Mapping[str, dict[str, Any]],
             "encoder_l0": ev["encoder_l0"], "n_latents": ev["n_latents"], "sae": ev["sae"],
             "sparsity_coef": outcome.get("sparsity_coef"),
             "warnings": outcome.get("warnings", []), "final_training": outcome.get("final", {}),
-            "matched_k": ev["matched_k"], "selection_cosine": ev["geometry"]["mean"]}
+            "matched_k": ev["matched_k"], "selection_cosine": ev["geometry"]["mean"],
+            "principal": ev.get("principal", {}),
+            "encoder_jaccard": _encoder_jaccard(ev["overlap"])}
         for r in ev["rows"]:
             rows.append({"dictionary": entry.name, "architecture": ev["architecture"],
                          "training_l0": training_l0,
@@ -77,6 +79,15 @@ def _comparisons(name: str, ev: dict[str, Any], columns: dict[str, dict[str, Any
     return out
 
 
+def _encoder_jaccard(overlap: dict[str, Any]) -> dict[str, float]:
+    """Each matched-L0 coder's mean per-token Jaccard overlap with the encoder's support."""
+    labels = overlap["labels"]
+    if "encoder" not in labels:
+        return {}
+    row = overlap["jaccard"][labels.index("encoder")]
+    return dict(zip(labels, row, strict=True))
+
+
 def verdict(metric: str, difference: float, excludes_zero: bool) -> str:
     """`better`, `worse` or `no difference shown`, for coder minus baseline in `metric`."""
     if not excludes_zero:
@@ -86,7 +97,8 @@ def verdict(metric: str, difference: float, excludes_zero: bool) -> str:
 
 def answers(results: dict[str, Any]) -> dict[str, list[str]]:
     """The claim's parts in words, each sentence with its numbers."""
-    return {"a": _part_a(results), "b": _part_b(results), "c": _part_c(results)}
+    return {"a": _part_a(results), "b": _part_b(results), "c": _part_c(results),
+            "d": _part_d(results)}
 
 
 def _part_a(results: dict[str, Any]) -> list[str]:
@@ -164,4 +176,31 @@ def _part_c(results: dict[str, Any]) -> list[str]:
         listing = ", ".join(f"{n} {r['small_weight_fraction']:.1%}" for n, r in rows.items())
         out.append(f"{name} (L0 {d['encoder_l0']:.1f}): share of non-zero weights below 10 % "
                    f"of their code's largest: {listing}.")
+    return out
+
+
+def _part_d(results: dict[str, Any]) -> list[str]:
+    """Why a lower FVU can cost more loss: each matched-L0 row's measured delta loss beside
+    its first-order prediction g . (x_hat - x) (g the clean loss's gradient at the site), the
+    share of its error in the activations' top principal directions, and its support's
+    overlap with the encoder's."""
+    out = []
+    for name, d in results["dictionaries"].items():
+        rows = [r for r in results["rows"] if r["dictionary"] == name and r["matched"]
+                and r["delta_loss"] is not None]
+        if not rows or rows[0].get("attributed_delta_loss") is None:
+            continue
+        m = d["principal"].get("directions")
+        share = d["principal"].get("variance_share")
+        listing = "; ".join(
+            f"{r['name']}: FVU {r['fvu']:.4f}, delta loss {r['delta_loss']:.4f} (first order "
+            f"{r['attributed_delta_loss']:+.4f}), error in the top {m} directions "
+            f"{r['error_top_share']:.1%}"
+            + (f", Jaccard with the encoder {d['encoder_jaccard'][r['label']]:.2f}"
+               if r["label"] in d["encoder_jaccard"] else "") for r in rows)
+        out.append(f"{name} (the top {m} principal directions hold {share:.1%} of the "
+                   f"activations' variance): {listing}.")
+    if not out:
+        out.append("The study measured no first-order attributions, so part (d) is not "
+                   "answered.")
     return out

@@ -44,6 +44,7 @@ from saelab.training import TrainConfig, train
 
 log = logging.getLogger(__name__)
 RESULTS = "results.json"
+PRINCIPAL_DIRECTIONS = 8  # part (d): the error's share in the activations' top 8 directions
 
 
 def run_study(spec: StudySpec, out: Path, *, say: Callable[[str], None] = log.info
@@ -120,7 +121,8 @@ def _evaluate(spec: StudySpec, entry: DictionaryEntry, lm: LanguageModel,
 
     return score_dictionary(lm, sae, spec.site, fit_windows, windows, specs, folder,
                             about={"model": spec.model, "sae": source, "dictionary": entry.name},
-                            batch_tokens=spec.batch_tokens, spliced=spliced)
+                            batch_tokens=spec.batch_tokens, spliced=spliced, attribution=True,
+                            principal_directions=PRINCIPAL_DIRECTIONS)
 
 
 def _training_outcome(out: Path, entry: DictionaryEntry) -> dict[str, Any]:
