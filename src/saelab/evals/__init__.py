@@ -17,10 +17,17 @@ from saelab.evals.metrics import LatentUsage, ReconstructionMetrics, fvu
 from saelab.evals.overlap import jaccard, order_cosines, top_kept
 from saelab.evals.splice import CleanPass, clean_pass, spliced_loss
 from saelab.evals.store_codes import check_sae_fits_store, coded_batches
-from saelab.evals.sweep import CODER_NAMES, CoderName, CoderSpec, plan, run_sweep
+from saelab.evals.sweep import (
+    CODER_NAMES,
+    BatchPasses,
+    CoderName,
+    CoderSpec,
+    plan,
+    run_sweep,
+)
 from saelab.evals.windows import METRICS, load_columns
 
-__all__ = ["CODER_NAMES", "METRICS", "CleanPass", "CoderName", "CoderSpec", "CompareConfig",
+__all__ = ["CODER_NAMES", "METRICS", "BatchPasses", "CleanPass", "CoderName", "CoderSpec", "CompareConfig",
            "DashboardConfig", "EvaluateConfig", "Interval", "LatentUsage",
            "ReconstructionMetrics", "check_sae_fits_store", "clean_pass", "coded_batches",
            "compare", "corpus_windows", "fvu", "interval", "jaccard", "latent_dashboard",

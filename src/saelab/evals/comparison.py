@@ -22,7 +22,7 @@ import torch
 from saelab.coding import PURSUIT_METHODS, Coder, fit_scale
 from saelab.corpus import BUILTIN_CORPUS, iter_documents, token_windows
 from saelab.errors import SaelabError
-from saelab.evals.sweep import CoderName, CoderSpec, plan, run_sweep
+from saelab.evals.sweep import BatchPasses, CoderName, CoderSpec, plan, run_sweep
 from saelab.evals.windows import save_columns
 from saelab.formats import load_sae
 from saelab.io import read_json, record_run, to_json, write_json
@@ -131,14 +131,16 @@ def score_dictionary(lm: LanguageModel, sae: SAE, site: str, fit_windows: np.nda
                      windows: np.ndarray, specs: Callable[[int], tuple[list[CoderSpec], int]],
                      out: Path, *, about: dict[str, Any], batch_tokens: int = 1024,
                      spliced: Callable[[CoderSpec, int], bool] | None = None,
-                     attribution: bool = False, principal_directions: int = 0
-                     ) -> dict[str, Any]:
+                     attribution: bool = False, principal_directions: int = 0,
+                     passes: dict[int, BatchPasses] | None = None) -> dict[str, Any]:
     """Score one dictionary's coders on `windows`, after measuring its encoder's L0 (and
     fitting encoder-scaled) on `fit_windows`; `specs(matched_k)` gives the rows and the L0
     they are matched at from the encoder's L0, rounded; `spliced(spec, matched_k)` which
     rows get the LM metrics (default: all); `attribution` and `principal_directions` (m) add
     each row's first-order predicted delta loss and its error's share in the held-out
-    activations' top m principal directions (see `run_sweep`). Writes results.json, windows.npz,
+    activations' top m principal directions, and `passes` keeps the dictionary-free passes
+    for the next dictionary on the same windows (see `run_sweep`). Writes results.json,
+    windows.npz,
     scale.safetensors (if fitted), the plots and report.html into `out`."""
     check_fits(lm, site, sae, str(about.get("model", lm.name)))
     held_out = site_activations(lm, site, fit_windows)
@@ -152,7 +154,7 @@ def score_dictionary(lm: LanguageModel, sae: SAE, site: str, fit_windows: np.nda
     sweep = run_sweep(lm, sae, site, windows, rows, matched_k=matched_k, scale=scale,
                       batch_tokens=batch_tokens,
                       spliced=None if spliced is None else lambda s: spliced(s, matched_k),
-                      attribution=attribution, principal=principal)
+                      attribution=attribution, principal=principal, passes=passes)
     save_columns(sweep.columns, out / WINDOWS)
     results = {**about, "site": site, "n_latents": sae.n_latents,
                "d_model": sae.d_model, "architecture": sae.architecture,

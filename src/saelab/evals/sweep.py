@@ -126,14 +126,19 @@ def run_sweep(lm: LanguageModel, sae: SAE, site: str, windows: np.ndarray,
               specs: Sequence[CoderSpec], *, matched_k: int, scale: LatentScale | None = None,
               batch_tokens: int = 1024, geometry_tokens: int = 512,
               spliced: Callable[[CoderSpec], bool] | None = None, attribution: bool = False,
-              principal: Tensor | None = None) -> Sweep:
+              principal: Tensor | None = None,
+              passes: dict[int, BatchPasses] | None = None) -> Sweep:
     """Score `specs` on `windows` [n, T] (int64 token ids, BOS first). `spliced` says which
     rows are spliced into the model for the LM metrics (default all): a spliced row costs
     a forward pass and the full vocabulary head per batch, a row that is not costs only its
     coding, and its delta loss, KL and loss recovered are None. With `attribution`, each
     batch also gets the clean loss's gradient at the site (one backward pass, shared by the
     coders) and each row the first-order prediction of its delta loss; with `principal`
-    (orthonormal directions [d, m]), each row the share of its error in their span."""
+    (orthonormal directions [d, m]), each row the share of its error in their span.
+
+    The clean, zero-ablation and gradient passes depend only on the windows, not on the
+    dictionary: `passes` (a dict kept by the caller) holds them by batch, so sweeps of several
+    dictionaries over the same windows pay for them once."""
     W_dec, b_dec = sae.W_dec.detach(), sae.b_dec.detach()
     tracks = [_Track(s, Coder(sae, s.coder, k=s.k, nonnegative=s.nonnegative, scale=scale),
                      ReconstructionMetrics(), LatentUsage(sae.n_latents),
@@ -147,11 +152,10 @@ def run_sweep(lm: LanguageModel, sae: SAE, site: str, windows: np.ndarray,
     with tqdm(total=total, unit="tok", desc="compare", disable=None) as bar:
         for start in range(0, len(windows), per_batch):
             ids = torch.from_numpy(windows[start:start + per_batch])
-            clean = clean_pass(lm, site, ids)
+            batch = _passes(lm, site, ids, attribution, passes, start)
+            clean, gradient = batch.clean, batch.gradient
             x_BD = clean.activations.reshape(-1, clean.activations.shape[-1]).float()
-            zero = spliced_loss(lm, site, clean, torch.zeros_like(clean.activations))[0]
-            shared.add(**shared_sums(clean.activations, clean.loss, zero))
-            gradient = lm.loss_gradient(ids, site) if attribution else None
+            shared.add(**shared_sums(clean.activations, clean.loss, batch.zero))
             codes = {}
             for t in tracks:
                 code = _score(t, lm, site, clean, x_BD, W_dec, b_dec, trace=start == 0,
@@ -167,6 +171,30 @@ def run_sweep(lm: LanguageModel, sae: SAE, site: str, windows: np.ndarray,
         () if principal is not None else PRINCIPAL_METRICS)
     return Sweep(_results(tracks, matched, pairs / n_batches, kept / n_batches, columns,
                           matched_k, missing), columns)
+
+
+@dataclass(frozen=True)
+class BatchPasses:
+    """What a batch of windows costs before any coder: its clean pass, its zero-ablation
+    loss [batch, T - 2] and (for attributions) the clean loss's gradient at the site."""
+
+    clean: CleanPass
+    zero: Tensor
+    gradient: Tensor | None
+
+
+def _passes(lm: LanguageModel, site: str, ids: Tensor, attribution: bool,
+            cache: dict[int, BatchPasses] | None, start: int) -> BatchPasses:
+    held = cache.get(start) if cache is not None else None
+    if held is not None and torch.equal(held.clean.input_ids, ids) and (
+            held.gradient is not None or not attribution):
+        return held
+    clean = clean_pass(lm, site, ids)
+    zero = spliced_loss(lm, site, clean, torch.zeros_like(clean.activations))[0]
+    batch = BatchPasses(clean, zero, lm.loss_gradient(ids, site) if attribution else None)
+    if cache is not None:
+        cache[start] = batch
+    return batch
 
 
 def _score(t: _Track, lm: LanguageModel, site: str, clean: CleanPass, x_BD: Tensor,

@@ -155,8 +155,8 @@ _TABLE = [("dictionary", "dictionary"), ("label", "coder"), ("l0", "L0"), ("fvu"
 
 def write_study_report(results: dict[str, Any], out: Path) -> Path:
     """`out/report.html`: the answers, the dictionaries, every row with its intervals, plots."""
-    answers = results.get("answers", {})
-    parts = "".join(f"<h2>{html.escape(PART_TITLES.get(key, key))}</h2>"
+    answers: dict[str, list[str]] = results.get("answers", {})
+    parts = "".join(f"<h2>{html.escape(PART_TITLES.get(key) or key)}</h2>"
                     + "".join(f"<p>{html.escape(s)}</p>" for s in sentences)
                     for key, sentences in answers.items())
     dicts = "".join(

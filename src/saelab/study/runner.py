@@ -28,6 +28,7 @@ import torch
 
 from saelab.activations import cache_activations
 from saelab.evals import (
+    BatchPasses,
     CoderSpec,
     corpus_windows,
     plan,
@@ -71,11 +72,12 @@ def run_study(spec: StudySpec, out: Path, *, say: Callable[[str], None] = log.in
     fit_windows, windows = corpus_windows(lm, spec.corpus, text_column=spec.text_column,
                                           context_size=spec.context_size, skip_tokens=skip,
                                           fit_tokens=spec.fit_tokens, tokens=spec.eval_tokens)
-    evaluations = {}
+    evaluations: dict[str, dict[str, Any]] = {}
+    passes: dict[int, BatchPasses] = {}  # the clean, zero and gradient passes, paid once
     for i, entry in enumerate(spec.dictionaries):
         say(f"score {entry.name} ({i + 1} of {len(spec.dictionaries)})")
         t = time.perf_counter()
-        evaluations[entry.name] = _evaluate(spec, entry, lm, fit_windows, windows, out)
+        evaluations[entry.name] = _evaluate(spec, entry, lm, fit_windows, windows, out, passes)
         seconds[f"score {entry.name}"] = time.perf_counter() - t
     results = gather(spec, evaluations, {e.name: out / "evals" / e.name for e in
                                          spec.dictionaries},
@@ -99,7 +101,8 @@ def train_config(spec: StudySpec, entry: DictionaryEntry) -> TrainConfig:
 
 
 def _evaluate(spec: StudySpec, entry: DictionaryEntry, lm: LanguageModel,
-              fit_windows: np.ndarray, windows: np.ndarray, out: Path) -> dict[str, Any]:
+              fit_windows: np.ndarray, windows: np.ndarray, out: Path,
+              passes: dict[int, BatchPasses]) -> dict[str, Any]:
     folder = out / "evals" / entry.name
     source = str(out / "dictionaries" / entry.name) if entry.trained else str(entry.sae)
     config = {"sae": source, "coders": list(spec.coders), "ks": list(spec.ks),
@@ -122,7 +125,7 @@ def _evaluate(spec: StudySpec, entry: DictionaryEntry, lm: LanguageModel,
     return score_dictionary(lm, sae, spec.site, fit_windows, windows, specs, folder,
                             about={"model": spec.model, "sae": source, "dictionary": entry.name},
                             batch_tokens=spec.batch_tokens, spliced=spliced, attribution=True,
-                            principal_directions=PRINCIPAL_DIRECTIONS)
+                            principal_directions=PRINCIPAL_DIRECTIONS, passes=passes)
 
 
 def _training_outcome(out: Path, entry: DictionaryEntry) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from `sae` (any layout `load_sae` reads: a folder, `hf://...`, `RELEASE:SAE_ID`)
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,9 +130,7 @@ def read_spec(path: Path) -> StudySpec:
     text = path.read_text()
     try:
         if path.suffix == ".toml":
-            import tomllib  # Python >= 3.11
-
-            raw = tomllib.loads(text)
+            raw = importlib.import_module("tomllib").loads(text)  # Python >= 3.11
         else:
             raw = json.loads(text)
     except (ValueError, ImportError) as err:
@@ -154,8 +153,8 @@ def read_spec(path: Path) -> StudySpec:
                               "target_l0, options)", found=", ".join(bad) or "no name",
                               fix="fix that entry")
         entries.append(DictionaryEntry(**entry))
-    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()
-                if k != "dictionaries"}
+    settings: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                for k, v in raw.items() if k != "dictionaries"}
     if entries:
         settings["dictionaries"] = tuple(entries)
     return StudySpec(**settings)
