@@ -193,3 +193,14 @@ def test_the_quick_preset_runs_on_the_embedded_model(tmp_path):
     assert spliced and all(np.isfinite(r["delta_loss"]) for r in spliced)
     assert any(s.startswith("topk, nn-gp at test k=8") for s in results["answers"]["b"])
     assert "done in" in run.stdout and (tmp_path / "report.html").is_file()
+
+
+def test_a_dictionary_above_max_matched_k_is_compared_at_the_ks_only(tmp_path, tiny_model_dir,
+                                                                     loaded_saes):
+    spec = {**study_file(tmp_path, tiny_model_dir, {}), "coders": ["encoder", "nn-gp"],
+            "ks": [2], "max_matched_k": 3,
+            "dictionaries": [{"name": "x", "sae": loaded_saes["saelens"]}]}
+    results = run(tmp_path, "capped", spec)
+    assert [r["label"] for r in results["rows"]] == ["encoder", "nn-gp k=2"]  # no k=4 row
+    assert results["comparisons"] == []
+    assert any("above max_matched_k 3" in line for line in results["answers"]["a"])

@@ -95,11 +95,12 @@ class CoderSpec:
         return self.name if self.k is None else f"{self.name} k={self.k}"
 
 
-def plan(coders: Sequence[str], ks: Sequence[int], matched_k: int) -> list[CoderSpec]:
+def plan(coders: Sequence[str], ks: Sequence[int], matched_k: int | None) -> list[CoderSpec]:
     """The encoder-based coders once each; each pursuit at every k and at `matched_k` (the
-    encoder's L0, rounded), so that every coder has a row at the same L0."""
+    encoder's L0, rounded), so that every coder has a row at the same L0 (None: at the ks
+    only)."""
     specs = [CoderSpec.named(name) for name in coders]
-    pursuit_ks = sorted({*ks, matched_k})
+    pursuit_ks = sorted({*ks} | ({matched_k} if matched_k is not None else set()))
     return [s for s in specs if s.coder in ENCODER_METHODS] + [
         CoderSpec(s.coder, k, s.nonnegative) for s in specs if s.coder in PURSUIT_METHODS
         for k in pursuit_ks]

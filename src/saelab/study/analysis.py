@@ -124,6 +124,11 @@ def _part_a(results: dict[str, Any]) -> list[str]:
         out.append(f"Against {against}, over {sum(t.values())} dictionaries: nn-gp better on "
                    f"{t['better']}, worse on {t['worse']}, no difference shown on "
                    f"{t['no difference shown']} (loss recovered, 95 % paired intervals).")
+    cap = results["spec"]["max_matched_k"]
+    for name, d in results["dictionaries"].items():
+        if d["matched_k"] > cap:
+            out.append(f"{name}: its encoder fires {d['encoder_l0']:.0f} latents per token, "
+                       f"above max_matched_k {cap}, so it has no matched-L0 comparison.")
     if not out:
         out.append("The study has no nn-gp rows at matched L0, so part (a) is not answered.")
     return out

@@ -114,10 +114,10 @@ def _evaluate(spec: StudySpec, entry: DictionaryEntry, lm: LanguageModel,
         return done
     torch.manual_seed(spec.seed)
     sae = load_sae(source, device=spec.device)
-    coders, ks, every_k = spec.coders, spec.ks, spec.spliced_at_every_k
+    coders, ks, every_k, cap = spec.coders, spec.ks, spec.spliced_at_every_k, spec.max_matched_k
 
     def specs(matched_k: int) -> tuple[list[CoderSpec], int]:
-        return plan(coders, ks, matched_k), matched_k
+        return plan(coders, ks, matched_k if matched_k <= cap else None), matched_k
 
     def spliced(row: CoderSpec, matched_k: int) -> bool:
         return "all" in every_k or row.k in (None, matched_k) or row.name in every_k

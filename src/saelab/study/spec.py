@@ -83,6 +83,10 @@ class StudySpec:
     them at the matched L0 only (FVU and L0 everywhere). A spliced row costs a forward pass
     of the model and its full vocabulary head; on Gemma 3 270M on 2 CPU cores that is most
     of a study's time. ("all": every row.)"""
+    max_matched_k: int = 256
+    """Pursuits run at a dictionary's encoder L0 only up to this k: a pursuit's cost grows
+    with k (OMP's with k^2), and a dictionary whose encoder fires hundreds of latents is
+    then compared at the ks alone."""
     eval_tokens: int = 20_480
     fit_tokens: int = 4096
     """Held out before the evaluated tokens: encoder-scaled's fit and the encoder's L0."""
