@@ -82,8 +82,8 @@ PEERS = {"sae_lens": ("SAELens (standard)", "sae-lens"),
          "dictionary_learning": ("dictionary_learning (April update)", "dictionary-learning")}
 # full / --quick / --smoke sizes; an explicit flag overrides its preset
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": {"n_latents": 4096, "tokens": 1_000_000, "batch_size": 4096,
-             "saelens_coefs": "1,3", "dl_coefs": "1,3"},
+    "full": {"n_latents": 4096, "tokens": 2_000_000, "batch_size": 4096,
+             "saelens_coefs": "10,30", "dl_coefs": "10,30"},
     "quick": {"n_latents": 1024, "tokens": 250_000, "batch_size": 2048,
               "saelens_coefs": "1,3", "dl_coefs": "1,3"},
     "smoke": {"n_latents": 256, "tokens": 40_000, "batch_size": 1024,
@@ -461,15 +461,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-latents", type=int, default=None, help="dictionary size "
                         "(default 4096)")
     parser.add_argument("--tokens", type=int, default=None,
-                        help="training rows per row of the table (default 1,000,000)")
+                        help="training rows per row of the table (default 2,000,000)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 4096")
     parser.add_argument("--target-l0", type=float, default=32.0,
                         help="saelab's target L0, and where the peers are interpolated")
     parser.add_argument("--saelens-coefs", default=None,
-                        help="SAELens L1 coefficients, comma-separated (default 1,3)")
+                        help="SAELens L1 coefficients, comma-separated (default 10,30)")
     parser.add_argument("--dl-coefs", default=None,
                         help="dictionary_learning l1_penalty values, comma-separated "
-                             "(default 1,3)")
+                             "(default 10,30)")
     parser.add_argument("--peer-lr", type=float, default=None,
                         help="learning rate of both peers (default: each peer's own)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per subprocess")
