@@ -187,7 +187,7 @@ def test_the_quick_preset_runs_on_the_embedded_model(tmp_path):
                           "--out", str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["dictionaries"]) == {"topk-8", "topk-16", "jumprelu-16"}
+    assert set(results["dictionaries"]) == {"topk-8", "topk-16"}
     assert results["clean_loss"] < results["zero_ablation_loss"]
     spliced = [r for r in results["rows"] if r["delta_loss"] is not None]
     assert spliced and all(np.isfinite(r["delta_loss"]) for r in spliced)

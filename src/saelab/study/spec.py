@@ -119,7 +119,7 @@ PRESETS: dict[str, StudySpec] = {
     # minutes, for CI: the same stages at toy sizes
     "quick": StudySpec(context_size=64, cache_tokens=8_000, n_latents=512, train_tokens=48_000,
                        batch_size=1000,
-                       dictionaries=(*grid(("topk",), (8, 16)), *grid(("jumprelu",), (16,))),
+                       dictionaries=grid(("topk",), (8, 16)),
                        coders=("encoder", "encoder-scaled", "gp", "nn-gp"), ks=(8, 16),
                        eval_tokens=630, fit_tokens=252, batch_tokens=630),
 }

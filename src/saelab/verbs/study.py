@@ -18,7 +18,7 @@ class StudyConfig:
     preset: Literal["embedded", "quick"] = "embedded"
     """embedded: Gemma 3 270M, blocks.6.hook_resid_post, 12 dictionaries of 4096 latents (relu
     and jumprelu at target L0 16/32/64, topk and batchtopk at k 16/32/64), every coder;
-    quick: the same stages at toy sizes, in minutes."""
+    quick: the same stages at toy sizes (two TopK SAEs of 512 latents), in minutes."""
     config: Path | None = None
     """A .json or .toml file naming the dictionaries (trained, or loaded with `sae = ...`),
     coders, k grid and token counts (StudySpec's fields); it replaces the preset."""
