@@ -140,8 +140,7 @@ def score_dictionary(lm: LanguageModel, sae: SAE, site: str, fit_windows: np.nda
     each row's first-order predicted delta loss and its error's share in the held-out
     activations' top m principal directions, and `passes` keeps the dictionary-free passes
     for the next dictionary on the same windows (see `run_sweep`). Writes results.json,
-    windows.npz,
-    scale.safetensors (if fitted), the plots and report.html into `out`."""
+    windows.npz, scale.safetensors (if fitted), the plots and report.html into `out`."""
     check_fits(lm, site, sae, str(about.get("model", lm.name)))
     held_out = site_activations(lm, site, fit_windows)
     encoder_l0 = float(Coder(sae, "encoder")(held_out).l0().double().mean())

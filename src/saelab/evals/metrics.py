@@ -41,6 +41,15 @@ class UsageResult(TypedDict):
     log10_density_histogram: list[int]
 
 
+def fvu_of_sums(sq_err: np.ndarray, sq_norm: np.ndarray, sum_x: np.ndarray,
+                tokens: np.ndarray) -> np.ndarray:
+    """FVU from its sums over a set of tokens: sum ||x - x_hat||^2, sum ||x||^2, sum x [..., d]
+    and the count (leading axes, e.g. bootstrap resamples, kept): the one definition of FVU,
+    which `ReconstructionMetrics` and the per-window sums of a comparison both use."""
+    centred = sq_norm - (sum_x ** 2).sum(axis=-1) / tokens
+    return sq_err / np.maximum(centred, 1e-300)
+
+
 def fvu(x_BD: Tensor, x_hat_BD: Tensor) -> float:
     """Fraction of variance unexplained of one batch: ReconstructionMetrics over it."""
     metrics = ReconstructionMetrics()
@@ -79,8 +88,8 @@ class ReconstructionMetrics:
     def fvu(self) -> float:
         if self.sum_x is None:
             return float("nan")
-        centred = self.sq_norm - float(self.sum_x @ self.sum_x) / self.tokens
-        return self.sq_err / max(centred, 1e-300)
+        return float(fvu_of_sums(np.asarray(self.sq_err), np.asarray(self.sq_norm),
+                                 self.sum_x.numpy(), np.asarray(float(self.tokens))))
 
     def result(self) -> ReconstructionResult:
         n = max(self.tokens, 1)

@@ -20,15 +20,11 @@ import numpy as np
 from torch import Tensor
 
 from saelab.evals.intervals import Columns
+from saelab.evals.metrics import fvu_of_sums
 from saelab.io import atomic_write
 
 SHARED = ("tokens", "sq_norm", "sum_x", "positions", "clean", "zero")  # the same for every coder
 PER_CODER = ("sq_err", "l0_sum", "loss", "kl", "attribution", "sq_err_top")
-
-
-def _fvu(s: Columns) -> np.ndarray:
-    centred = s["sq_norm"] - (s["sum_x"] ** 2).sum(axis=-1) / s["tokens"]
-    return s["sq_err"] / np.maximum(centred, 1e-300)
 
 
 def _loss_recovered(s: Columns) -> np.ndarray:
@@ -38,7 +34,7 @@ def _loss_recovered(s: Columns) -> np.ndarray:
 
 
 METRICS: dict[str, Callable[[Columns], np.ndarray]] = {
-    "fvu": _fvu,
+    "fvu": lambda s: fvu_of_sums(s["sq_err"], s["sq_norm"], s["sum_x"], s["tokens"]),
     "l0": lambda s: s["l0_sum"] / s["tokens"],
     "delta_loss": lambda s: (s["loss"] - s["clean"]) / s["positions"],
     "kl": lambda s: s["kl"] / s["positions"],

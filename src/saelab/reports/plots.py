@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 PLOTS = {  # file stem -> what it shows (the report's captions)
     "pareto_fvu": "Fraction of variance unexplained against L0 (lower left is better).",
@@ -51,15 +52,22 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         draw(ax)
         ax.set_title(_title(stem, results), fontsize=10)
-        fig.tight_layout()
-        for suffix in ("png", "svg"):
-            path = out / f"{stem}.{suffix}"
-            tmp = path.with_name(f".{path.name}.tmp")
-            fig.savefig(tmp, dpi=120, format=suffix)
-            tmp.replace(path)
-        plt.close(fig)
-        paths.append(out / f"{stem}.png")
+        paths.append(save_figure(fig, out / stem, dpi=120))
     return paths
+
+
+def save_figure(fig: Figure, stem: Path, *, dpi: int, suffixes: tuple[str, ...] = ("png", "svg")
+                ) -> Path:
+    """Lay `fig` out, write it as STEM.png (and the other `suffixes`), each atomically (a
+    temporary file renamed into place), close it; return the first file's path."""
+    fig.tight_layout()
+    for suffix in suffixes:
+        path = stem.with_name(f"{stem.name}.{suffix}")
+        tmp = path.with_name(f".{path.name}.tmp")
+        fig.savefig(tmp, dpi=dpi, format=suffix)
+        tmp.replace(path)
+    plt.close(fig)
+    return stem.with_name(f"{stem.name}.{suffixes[0]}")
 
 
 def _title(stem: str, results: dict[str, Any]) -> str:

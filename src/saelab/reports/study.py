@@ -15,6 +15,7 @@ from matplotlib.axes import Axes  # noqa: E402
 
 from saelab.io import atomic_write  # noqa: E402
 from saelab.reports.html import PAGE_STYLE, cell, inline_svg  # noqa: E402
+from saelab.reports.plots import colour, save_figure  # noqa: E402
 
 STUDY_PLOTS = {
     "study_delta_loss": "Delta loss against L0, one panel per architecture: each dictionary's "
@@ -47,14 +48,7 @@ def write_study_plots(results: dict[str, Any], out: Path) -> list[Path]:
         draw(list(axes[0]), results, archs)
         fig.suptitle(f"{results['model']} {results['site']}, {results['tokens']} tokens",
                      fontsize=10)
-        fig.tight_layout()
-        for suffix in ("png", "svg"):
-            path = out / f"{stem}.{suffix}"
-            tmp = path.with_name(f".{path.name}.tmp")
-            fig.savefig(tmp, dpi=110, format=suffix)
-            tmp.replace(path)
-        plt.close(fig)
-        paths.append(out / f"{stem}.png")
+        paths.append(save_figure(fig, out / stem, dpi=110))
     return paths
 
 
@@ -77,25 +71,20 @@ def _colours(results: dict[str, Any], arch: str) -> dict[str, Any]:
 
 def _delta_loss(axes: list[Axes], results: dict[str, Any], archs: list[str]) -> None:
     for ax, arch in zip(axes, archs, strict=True):
-        for name, colour in _colours(results, arch).items():
+        for name, shade in _colours(results, arch).items():
             rows = [r for r in results["rows"] if r["dictionary"] == name]
             d = results["dictionaries"][name]
             encoder = [r for r in rows if r["name"] == "encoder"]
             if encoder:
-                _errorbar(ax, encoder, "l0", "delta_loss", fmt="s", color=colour,
+                _errorbar(ax, encoder, "l0", "delta_loss", fmt="s", color=shade,
                           markeredgecolor="black", markersize=7,
                           label=f"{name} encoder (trained L0 {d['training_l0']:g})")
             for coder, style in (("nn-gp", "o-"), ("gp", "o--")):
                 curve = sorted((r for r in rows if r["name"] == coder), key=lambda r: r["l0"])
                 if curve:
-                    _errorbar(ax, curve, "l0", "delta_loss", fmt=style, color=colour,
+                    _errorbar(ax, curve, "l0", "delta_loss", fmt=style, color=shade,
                               markersize=4, label=f"{name} {coder}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("L0")
-        ax.set_ylabel("delta loss (nats)")
-        ax.set_title(arch, fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6)
+        _finish(ax, arch, "L0", "delta loss (nats)")
 
 
 def _training_l0(axes: list[Axes], results: dict[str, Any], archs: list[str]) -> None:
@@ -115,12 +104,17 @@ def _training_l0(axes: list[Axes], results: dict[str, Any], archs: list[str]) ->
         if encoder:
             _errorbar(ax, encoder, "training_l0", "loss_recovered", fmt="s", color="black",
                       markersize=6, label="encoder (own L0)")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("training L0 of the dictionary")
-        ax.set_ylabel("loss recovered")
-        ax.set_title(arch, fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6)
+        _finish(ax, arch, "training L0 of the dictionary", "loss recovered")
+
+
+def _finish(ax: Axes, arch: str, xlabel: str, ylabel: str) -> None:
+    """One architecture's panel: L0 on a log2 axis, its labels, grid and legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(arch, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6)
 
 
 def _forest(axes: list[Axes], results: dict[str, Any], archs: list[str]) -> None:
@@ -129,15 +123,14 @@ def _forest(axes: list[Axes], results: dict[str, Any], archs: list[str]) -> None
              and c["metric"] == "loss_recovered"]
     names = list(dict.fromkeys(c["dictionary"] for c in comps))
     against = list(dict.fromkeys(c["against"] for c in comps))
-    colours = {"encoder": "#222222", "encoder-refit": "#8c564b", "nn-encoder-refit": "#bcbd22",
-               "encoder-scaled": "#e377c2"}
     for j, base in enumerate(against):
         sel = [c for c in comps if c["against"] == base]
         y = np.asarray([names.index(c["dictionary"]) for c in sel]) + (j - len(against) / 2) * 0.15
         v = np.asarray([c["value"] for c in sel])
         err = np.stack([v - np.asarray([c["low"] for c in sel]),
                         np.asarray([c["high"] for c in sel]) - v])
-        ax.errorbar(v, y, xerr=err, fmt="o", color=colours.get(base), capsize=2,
+        ax.errorbar(v, y, xerr=err, fmt="o", color=colour(base), capsize=2,
+                    mfc="none" if base.startswith("nn-") else None,
                     markersize=4, label=f"nn-gp minus {base}")
     ax.axvline(0, color="#999999", lw=0.8)
     ax.set_yticks(range(len(names)), names, fontsize=8)

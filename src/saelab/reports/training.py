@@ -14,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from saelab.reports.plots import save_figure  # noqa: E402
+
 PANELS = (("fvu", "FVU", "log"), ("l0", "L0", "log"), ("dead_fraction", "dead fraction",
                                                         "linear"),
           ("sparsity_coef", "sparsity coefficient", "linear"))
@@ -48,9 +50,4 @@ def training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path,
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path.with_suffix(""), dpi=110, suffixes=(path.suffix[1:],))

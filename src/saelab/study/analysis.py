@@ -103,10 +103,14 @@ def answers(results: dict[str, Any]) -> dict[str, list[str]]:
 
 def _part_a(results: dict[str, Any]) -> list[str]:
     out = []
+    headline = [c for c in results["comparisons"]
+                if c["coder"] == "nn-gp" and c["metric"] == "loss_recovered"]
     by_dict: dict[str, list[dict[str, Any]]] = {}
-    for c in results["comparisons"]:
-        if c["coder"] == "nn-gp" and c["metric"] == "loss_recovered":
-            by_dict.setdefault(c["dictionary"], []).append(c)
+    tally: dict[str, dict[str, int]] = {}
+    for c in headline:
+        by_dict.setdefault(c["dictionary"], []).append(c)
+        t = tally.setdefault(c["against"], {"better": 0, "worse": 0, "no difference shown": 0})
+        t[c["verdict"]] += 1
     for name, comps in by_dict.items():
         parts = [f"{c['against']} {c['value']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] "
                  f"({c['verdict']})" for c in comps]
@@ -114,12 +118,6 @@ def _part_a(results: dict[str, Any]) -> list[str]:
         out.append(f"{name} ({d['architecture']}, encoder L0 {d['encoder_l0']:.1f}, "
                    f"nn-gp at k={d['matched_k']}): loss recovered of nn-gp minus "
                    + "; ".join(parts) + ".")
-    tally: dict[str, dict[str, int]] = {}
-    for c in results["comparisons"]:
-        if c["coder"] == "nn-gp" and c["metric"] == "loss_recovered":
-            t = tally.setdefault(c["against"], {"better": 0, "worse": 0,
-                                                "no difference shown": 0})
-            t[c["verdict"]] += 1
     for against, t in tally.items():
         out.append(f"Against {against}, over {sum(t.values())} dictionaries: nn-gp better on "
                    f"{t['better']}, worse on {t['worse']}, no difference shown on "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -136,5 +135,4 @@ def _training_outcome(out: Path, entry: DictionaryEntry) -> dict[str, Any]:
     folder = out / "dictionaries" / entry.name
     outcome = read_json(folder / "config.json").get("outcome", {})
     metrics = read_metrics(folder / "metrics.jsonl")
-    return {**outcome, "final": metrics[-1] if metrics else {},
-            "curves": str(folder / "curves.png"), "entry": asdict(entry)}
+    return {**outcome, "final": metrics[-1] if metrics else {}}
