@@ -204,3 +204,56 @@ def test_a_dictionary_above_max_matched_k_is_compared_at_the_ks_only(tmp_path, t
     assert [r["label"] for r in results["rows"]] == ["encoder", "nn-gp k=2"]  # no k=4 row
     assert results["comparisons"] == []
     assert any("above max_matched_k 3" in line for line in results["answers"]["a"])
+
+
+def _close(a, b, path="results"):
+    """a equals b, floats to 1e-9 relative (sums added in another order), the rest exactly."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            _close(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12, nan_ok=True), path
+    else:
+        assert a == b, path
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo, tested on Linux")
+def test_torchrun_evaluation_equals_one_process(tmp_path, tiny_model_dir, loaded_saes):
+    """Two ranks (gloo) score a study's windows, split 7 | 7 + 6 windows by batch: the same
+    rows, intervals, paired differences and per-window sums as one process."""
+    spec = {**study_file(tmp_path, tiny_model_dir, {}),
+            "dictionaries": [{"name": n, "sae": loaded_saes[n]}
+                             for n in ("saelens", "gemma_scope")]}
+    one = run(tmp_path, "one", spec)
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(spec))
+    torchrun = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", _free_port(), "-m", "saelab", "study", "--config", str(path),
+         "--out", str(tmp_path / "two")], capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert torchrun.returncode == 0, torchrun.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert one["rows"] and len(one["rows"]) == len(two["rows"])
+    _close(measured(two["rows"]), measured(one["rows"]))
+    _close(two["comparisons"], one["comparisons"])
+    _close(two["dictionaries"], one["dictionaries"])
+    for name in ("saelens", "gemma_scope"):
+        with np.load(tmp_path / "one" / "evals" / name / "windows.npz") as a, \
+                np.load(tmp_path / "two" / "evals" / name / "windows.npz") as b:
+            assert sorted(a.files) == sorted(b.files)
+            for key in a.files:
+                np.testing.assert_allclose(b[key], a[key], rtol=1e-12, atol=0, err_msg=key)
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

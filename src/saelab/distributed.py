@@ -1,4 +1,5 @@
-"""One torchrun start-up for every verb that runs on many processes (cache, train, ...).
+"""One torchrun start-up for every verb that runs on many processes (cache, train, compare,
+study).
 
 Without torchrun (WORLD_SIZE unset or 1) this is a world of one and costs nothing. Under
 torchrun the process group starts once, with one rule for the backend (NCCL when the work
@@ -10,10 +11,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+T = TypeVar("T")
 # Ranks wait for each other at barriers: a rank with no shard left to cache waits for the
 # slowest one for as long as that takes, so the timeout is long. A crashed rank does not
 # hang the others that long: torchrun stops the whole group when one rank fails.
@@ -52,6 +55,14 @@ class World:
             for t in tensors:
                 t.copy_(flat[offset:offset + t.numel()].view_as(t))
                 offset += t.numel()
+
+    def gather(self, obj: T) -> list[T]:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if self.size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
 
     def barrier(self) -> None:
         if self.size > 1:

@@ -5,6 +5,7 @@ text its SAE was not trained on); the first `fit_tokens` of them (rounded up to 
 windows) are held out to fit the encoder-scaled coder and to measure the encoder's L0, which
 the pursuits are matched to. The run folder gets config.json (the run file: a folder holds
 one comparison, and a finished one is read back), results.json, the plots and report.html.
+Under torchrun every rank scores its slice of the windows (see `sweep`) and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from saelab.coding import PURSUIT_METHODS, Coder, fit_scale
 from saelab.corpus import BUILTIN_CORPUS, iter_documents, token_windows
+from saelab.distributed import join_world
 from saelab.errors import SaelabError
 from saelab.evals.sweep import BatchPasses, CoderName, CoderSpec, plan, run_sweep
 from saelab.evals.windows import save_columns
@@ -94,8 +96,9 @@ def compare(cfg: CompareConfig | EvaluateConfig) -> dict[str, Any]:
     if done is not None:
         return done
     torch.manual_seed(cfg.seed)
-    sae = load_sae(cfg.sae, device=cfg.device)
-    lm = load_model(cfg.model, device=cfg.device)
+    device = join_world(cfg.device).device(cfg.device)  # under torchrun: this rank's GPU
+    sae = load_sae(cfg.sae, device=device)
+    lm = load_model(cfg.model, device=device)
     site = _site(cfg, sae)
     fit_windows, windows = corpus_windows(lm, cfg.corpus, text_column=cfg.text_column,
                                           context_size=cfg.context_size,
@@ -147,14 +150,14 @@ def score_dictionary(lm: LanguageModel, sae: SAE, site: str, fit_windows: np.nda
     rows, matched_k = specs(max(1, round(encoder_l0)))
     scale = fit_scale(sae, held_out) if any(r.coder == "encoder-scaled" for r in rows) \
         else None
-    if scale is not None:
+    world = join_world(sae.W_dec.device.type)
+    if scale is not None and world.is_main:
         scale.save(out / "scale.safetensors")
     principal, variance_share = principal_axes(held_out, principal_directions)
     sweep = run_sweep(lm, sae, site, windows, rows, matched_k=matched_k, scale=scale,
                       batch_tokens=batch_tokens,
                       spliced=None if spliced is None else lambda s: spliced(s, matched_k),
                       attribution=attribution, principal=principal, passes=passes)
-    save_columns(sweep.columns, out / WINDOWS)
     results = {**about, "site": site, "n_latents": sae.n_latents,
                "d_model": sae.d_model, "architecture": sae.architecture,
                "encoder_l0": encoder_l0, "context_size": int(windows.shape[1]),
@@ -163,9 +166,12 @@ def score_dictionary(lm: LanguageModel, sae: SAE, site: str, fit_windows: np.nda
                "principal": {"directions": principal_directions,
                              "variance_share": variance_share},
                **sweep.results}
-    write_json(out / RESULTS, results)
-    write_plots(results, out)
-    write_report(results, out)
+    if world.is_main:  # every rank holds the same results; one writes them
+        save_columns(sweep.columns, out / WINDOWS)
+        write_json(out / RESULTS, results)
+        write_plots(results, out)
+        write_report(results, out)
+    world.barrier()
     return results
 
 

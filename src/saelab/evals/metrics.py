@@ -84,6 +84,17 @@ class ReconstructionMetrics:
             for l0, count in zip(l0s.tolist(), counts.tolist(), strict=True):
                 self.l0_counts[l0] = self.l0_counts.get(l0, 0) + count
 
+    def merge(self, other: ReconstructionMetrics) -> None:
+        """Add the tokens `other` saw (another rank's)."""
+        self.tokens += other.tokens
+        self.sq_err += other.sq_err
+        self.sq_norm += other.sq_norm
+        self.cosine_sum += other.cosine_sum
+        if other.sum_x is not None:
+            self.sum_x = other.sum_x if self.sum_x is None else self.sum_x + other.sum_x
+        for l0, count in other.l0_counts.items():
+            self.l0_counts[l0] = self.l0_counts.get(l0, 0) + count
+
     @property
     def fvu(self) -> float:
         if self.sum_x is None:
@@ -121,6 +132,17 @@ class LatentUsage:
             vals = code.values[active].detach().float().cpu()[: VALUE_SAMPLE - self.kept]
             self.values.append(vals)
             self.kept += len(vals)
+
+    def merge(self, other: LatentUsage) -> None:
+        """Add the tokens `other` saw after these (another rank's): its values join the
+        sample after this one's, as they would have in one pass over both."""
+        self.tokens += other.tokens
+        self.fires += other.fires
+        for vals in other.values:
+            vals = vals[: VALUE_SAMPLE - self.kept]
+            if len(vals):
+                self.values.append(vals)
+                self.kept += len(vals)
 
     def density(self) -> Tensor:
         """Fraction of tokens each latent fired on [n_latents]."""

@@ -4,6 +4,11 @@ For each batch of windows: one clean forward pass (the site's activations and th
 next-token distribution), one zero-ablation pass, then for each coder: code, reconstruct,
 splice the reconstruction back in and score. So every coder sees exactly the same tokens
 and the clean pass is paid once.
+
+Under torchrun each rank scores a consecutive slice of the batches (the same batches one
+process makes), and the ranks' running sums are then gathered and added in rank order, which
+is batch order: the per-window sums, and so every point estimate and interval, are those of
+one process (sums of floats to rounding).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from saelab.coding import (
     PursuitTrace,
     SparseCode,
 )
+from saelab.distributed import World, join_world
 from saelab.errors import SaelabError
 from saelab.evals.intervals import (
     LEVEL,
@@ -149,9 +155,14 @@ def run_sweep(lm: LanguageModel, sae: SAE, site: str, windows: np.ndarray,
     kept = np.zeros(len(matched))
     shared = WindowSums(SHARED)
     per_batch = max(1, batch_tokens // windows.shape[1])
-    total = len(windows) * (windows.shape[1] - 1) * len(tracks)
-    with tqdm(total=total, unit="tok", desc="compare", disable=None) as bar:
-        for start in range(0, len(windows), per_batch):
+    world = join_world(W_dec.device.type)
+    starts = range(0, len(windows), per_batch)
+    mine = starts[world.slice(len(starts))]
+    total = sum(len(windows[s:s + per_batch]) for s in mine) * (windows.shape[1] - 1) \
+        * len(tracks)
+    with tqdm(total=total, unit="tok", desc="compare", disable=None if world.is_main else True
+              ) as bar:
+        for start in mine:
             ids = torch.from_numpy(windows[start:start + per_batch])
             batch = _passes(lm, site, ids, attribution, passes, start)
             clean, gradient = batch.clean, batch.gradient
@@ -166,12 +177,43 @@ def run_sweep(lm: LanguageModel, sae: SAE, site: str, windows: np.ndarray,
                 codes[t.spec] = code
                 bar.update(len(x_BD))
             _overlap(matched, codes, sae.n_latents, pairs, kept)
-    n_batches = -(-len(windows) // per_batch)
+    if world.size > 1:
+        pairs, kept = _join(world, tracks, shared, pairs, kept)
+    n_batches = len(starts)
     columns = {t.spec.label: {**shared.columns(), **t.sums.columns()} for t in tracks}
     missing = (() if attribution else ATTRIBUTION_METRICS) + (
         () if principal is not None else PRINCIPAL_METRICS)
     return Sweep(_results(tracks, matched, pairs / n_batches, kept / n_batches, columns,
                           matched_k, missing), columns)
+
+
+def _join(world: World, tracks: list[_Track], shared: WindowSums, pairs: np.ndarray,
+          kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's sums added into this rank's, in rank order (= batch order)."""
+    state = ([(t.recon, t.usage, t.sums, t.negative, t.small, t.nonzero, t.seconds,
+               t.geometry) for t in tracks], shared, pairs, kept)
+    ranks = world.gather(state)
+    for t in tracks:  # start again from rank 0's sums, which are this rank's on rank 0
+        t.recon, t.usage, t.sums = ReconstructionMetrics(), LatentUsage(t.usage.n_latents), \
+            WindowSums(PER_CODER)
+        t.negative = t.small = t.nonzero = 0
+        t.seconds, t.geometry = 0.0, []
+    shared.parts = {name: [] for name in shared.names}
+    pairs, kept = np.zeros_like(pairs), np.zeros_like(kept)
+    for rank_tracks, rank_shared, rank_pairs, rank_kept in ranks:
+        for t, (recon, usage, sums, negative, small, nonzero, seconds, geometry) in zip(
+                tracks, rank_tracks, strict=True):
+            t.recon.merge(recon)
+            t.usage.merge(usage)
+            t.sums.extend(sums)
+            t.negative += negative
+            t.small += small
+            t.nonzero += nonzero
+            t.seconds += seconds
+            t.geometry += geometry
+        shared.extend(rank_shared)
+        pairs, kept = pairs + rank_pairs, kept + rank_kept
+    return pairs, kept
 
 
 @dataclass(frozen=True)

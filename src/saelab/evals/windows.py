@@ -62,6 +62,11 @@ class WindowSums:
         for name, col in columns.items():
             self.parts[name].append(np.asarray(col, dtype=np.float64))
 
+    def extend(self, other: WindowSums) -> None:
+        """Append `other`'s windows after these (another rank's, under torchrun)."""
+        for name in self.names:
+            self.parts[name] += other.parts[name]
+
     def columns(self) -> Columns:
         return {name: np.concatenate(parts) if parts else np.zeros(0)
                 for name, parts in self.parts.items()}

@@ -12,6 +12,8 @@ The folder:
 
 A killed study is run again with the same command: the store and each training run resume
 from their checkpoints, a finished comparison is read back, and only what is missing is done.
+Under torchrun every stage is data-parallel: the cache's shards, each training run's batches
+and each comparison's windows are split over the ranks, and rank 0 writes what they share.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 from saelab.activations import cache_activations
+from saelab.distributed import join_world
 from saelab.evals import (
     BatchPasses,
     CoderSpec,
@@ -53,14 +56,16 @@ def run_study(spec: StudySpec, out: Path, *, say: Callable[[str], None] = log.in
     record_run(out / "study.json", to_json(spec), what="a study")
     seconds: dict[str, float] = {}
     began = time.perf_counter()
-    lm = load_model(spec.model, device=spec.device)
+    world = join_world(spec.device)  # under torchrun every stage runs on every rank
+    device = world.device(spec.device)
+    lm = load_model(spec.model, device=device)
     skip = 0
     if spec.trains:
         say(f"cache {spec.cache_tokens} tokens of {spec.site}")
         store = cache_activations(out / "activations", model=spec.model, sites=(spec.site,),
                                   corpus=spec.corpus, text_column=spec.text_column,
                                   tokens=spec.cache_tokens, context_size=spec.context_size,
-                                  device=spec.device, lm=lm)[spec.site]
+                                  device=device, lm=lm)[spec.site]
         skip = store.manifest["n_windows"] * (spec.context_size - 1)
         seconds["cache"] = time.perf_counter() - began
         for i, entry in enumerate(d for d in spec.dictionaries if d.trained):
@@ -76,16 +81,19 @@ def run_study(spec: StudySpec, out: Path, *, say: Callable[[str], None] = log.in
     for i, entry in enumerate(spec.dictionaries):
         say(f"score {entry.name} ({i + 1} of {len(spec.dictionaries)})")
         t = time.perf_counter()
-        evaluations[entry.name] = _evaluate(spec, entry, lm, fit_windows, windows, out, passes)
+        evaluations[entry.name] = _evaluate(spec, entry, lm, fit_windows, windows, out, passes,
+                                            device)
         seconds[f"score {entry.name}"] = time.perf_counter() - t
     results = gather(spec, evaluations, {e.name: out / "evals" / e.name for e in
                                          spec.dictionaries},
                      {e.name: _training_outcome(out, e) for e in spec.dictionaries})
     results["answers"] = answers(results)
     results["seconds"] = {**seconds, "total": time.perf_counter() - began}
-    write_json(out / RESULTS, results)
-    write_study_plots(results, out)
-    write_study_report(results, out)
+    if world.is_main:
+        write_json(out / RESULTS, results)
+        write_study_plots(results, out)
+        write_study_report(results, out)
+    world.barrier()
     return results
 
 
@@ -101,7 +109,7 @@ def train_config(spec: StudySpec, entry: DictionaryEntry) -> TrainConfig:
 
 def _evaluate(spec: StudySpec, entry: DictionaryEntry, lm: LanguageModel,
               fit_windows: np.ndarray, windows: np.ndarray, out: Path,
-              passes: dict[int, BatchPasses]) -> dict[str, Any]:
+              passes: dict[int, BatchPasses], device: str) -> dict[str, Any]:
     folder = out / "evals" / entry.name
     source = str(out / "dictionaries" / entry.name) if entry.trained else str(entry.sae)
     config = {"sae": source, "coders": list(spec.coders), "ks": list(spec.ks),
@@ -112,7 +120,7 @@ def _evaluate(spec: StudySpec, entry: DictionaryEntry, lm: LanguageModel,
     if done is not None:
         return done
     torch.manual_seed(spec.seed)
-    sae = load_sae(source, device=spec.device)
+    sae = load_sae(source, device=device)
     coders, ks, every_k, cap = spec.coders, spec.ks, spec.spliced_at_every_k, spec.max_matched_k
 
     def specs(matched_k: int) -> tuple[list[CoderSpec], int]:
