@@ -811,6 +811,8 @@ CASES: dict[str, Cli | Py] = {
         Cli(lambda c: train_argv(c, "--k", "128")),
     "training/config.py::TrainConfig.__post_init__::--{} must be positive":
         Cli(lambda c: train_argv(c, "--batch-size", "0")),
+    "training/config.py::TrainConfig.__post_init__::--snapshot-tokens must fall within the run":
+        Cli(lambda c: train_argv(c, "--snapshot-tokens", "100,300")),
     "training/config.py::TrainConfig._resolve_k::--target-l0 must be positive":
         Cli(lambda c: train_argv(c, "--target-l0", "0")),
     "training/config.py::TrainConfig._resolve_k::architecture {} cannot follow --target-l0":

@@ -30,7 +30,8 @@ def study_file(tmp_path, model_dir, saes: dict[str, str]) -> dict:
             "dictionaries": [{"name": "topk-4", "architecture": "topk", "target_l0": 4},
                              *({"name": n, "sae": p} for n, p in saes.items())],
             "coders": ["encoder", "encoder-refit", "encoder-scaled", "gp", "nn-gp"],
-            "ks": [2, 4], "eval_tokens": 300, "fit_tokens": 60, "batch_tokens": 120}
+            "ks": [2, 4], "eval_tokens": 300, "fit_tokens": 60, "batch_tokens": 120,
+            "curve_tokens": [1500, 3000], "curve_eval_tokens": 150}
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +101,27 @@ def test_study_trains_loads_every_layout_and_compares_rows_it_holds(tmp_path, ti
     out = tmp_path / "study"
     page = (out / "report.html").read_text()
     assert "(a) Does non-negative gradient pursuit" in page and "<svg" in page
-    for stem in ("study_delta_loss", "study_training_l0", "study_forest"):
+    for stem in ("study_delta_loss", "study_training_l0", "study_forest", "study_curves"):
         assert (out / f"{stem}.png").stat().st_size > 1000
+    # the training curve: two snapshots and the finished dictionary, on the first 10 windows
+    curve = results["curves"]["topk-4"]
+    assert list(results["curves"]) == ["topk-4"] and curve["windows"] == 10
+    assert [p["tokens"] for p in curve["points"]] == [1500, 3000, 6000]
+    for point, folder in zip(curve["points"], [out / "curves" / "topk-4" / "1500",
+                                               out / "curves" / "topk-4" / "3000",
+                                               out / "evals" / "topk-4"], strict=True):
+        with np.load(folder / "windows.npz") as w:  # delta loss by hand: sums of 10 windows
+            loss, clean, positions = (w[f"encoder/{c}"][:10].sum() for c in
+                                      ("loss", "clean", "positions"))
+        assert point["delta_loss"] == pytest.approx((loss - clean) / positions, rel=1e-9)
+        low, high = point["intervals"]["delta_loss"]
+        assert low <= point["delta_loss"] <= high
+    snapshot = json.loads((out / "curves" / "topk-4" / "3000" / "results.json").read_text())
+    assert snapshot["rows"][0]["delta_loss"] == pytest.approx(curve["points"][1]["delta_loss"])
+    assert curve["last_change"]["value"] == pytest.approx(
+        curve["points"][2]["delta_loss"] - curve["points"][1]["delta_loss"], rel=1e-9)
+    assert any(line.startswith("topk-4: the encoder's delta loss against training tokens")
+               for line in results["answers"]["training"])
 
 
 def test_a_killed_study_resumes_to_the_same_results(tmp_path, tiny_model_dir, loaded_saes):

@@ -268,6 +268,46 @@ def test_a_trained_sae_works_on_raw_activations_and_round_trips(tmp_path):
                                                  loaded.state_dict().values()))
 
 
+def test_snapshots_are_the_run_at_their_tokens_and_leave_it_unchanged(tmp_path):
+    """A snapshot holds the weights a hand-driven Trainer has after the step its tokens are
+    reached (20 steps for 10,000 tokens; 41 for 20,250, which no step ends on), folded for
+    raw activations; and a run that writes snapshots ends with the weights of one that
+    does not."""
+    x = 5.0 * planted_data(n_rows=4000)[0] + 1.0
+    cfg = sl.TrainConfig(architecture="topk", n_latents=128, k=4, tokens=40_000,
+                         batch_size=500, snapshot_tokens=(10_000, 20_250))
+    sae = sl.train(cfg, x, out=tmp_path / "run")
+    plain = sl.train(sl.TrainConfig(**{**cfg.__dict__, "snapshot_tokens": ()}), x)
+    assert all(torch.equal(a, b) for a, b in zip(sae.state_dict().values(),
+                                                 plain.state_dict().values()))
+    data = sl.training.TrainingData(x)
+    trainer = sl.Trainer(cfg, data)
+    held = {}
+    while trainer.steps_done < 41:
+        epoch, offset = divmod(trainer.steps_done, data.n // cfg.batch_size)
+        for index in data.global_batches(cfg.batch_size, cfg.seed, epoch, offset):
+            trainer.step(trainer.batch(index))
+            if trainer.steps_done in (20, 41):
+                held[trainer.steps_done] = {k: v.clone() for k, v in
+                                            trainer.sae.state_dict().items()}
+            if trainer.steps_done == 41:
+                break
+    for tokens, step in ((10_000, 20), (20_250, 41)):
+        folder = tmp_path / "run" / "snapshots" / str(tokens)
+        snap = sl.load_sae(folder)
+        assert torch.equal(snap.W_dec, held[step]["W_dec"])
+        assert torch.equal(snap.W_enc, held[step]["W_enc"])
+        trainer.sae.load_state_dict(held[step])
+        scale = data.input_scale
+        assert_close(snap(x[:200]), trainer.sae(x[:200] * scale).detach() / scale)
+        meta = json.loads((folder / "cfg.json").read_text())
+        assert meta["metadata"]["training_tokens"] == step * cfg.batch_size
+    assert not torch.equal(sl.load_sae(tmp_path / "run" / "snapshots" / "20250").W_dec,
+                           sae.W_dec)
+    with pytest.raises(sl.SaelabError, match="must fall within the run"):
+        sl.TrainConfig(tokens=40_000, batch_size=500, snapshot_tokens=(40_001,))
+
+
 def test_training_errors(tmp_path):
     x = planted_data(n_rows=2000)[0]
     with pytest.raises(sl.SaelabError, match="k in 1..63"):

@@ -27,25 +27,35 @@ STUDY_PLOTS = {
     "study_forest": "Paired differences in loss recovered at matched L0: nn-gp minus each "
                     "encoder-based coder, per dictionary, with 95 % intervals (right of 0: "
                     "nn-gp recovers more).",
+    "study_curves": "Each trained dictionary's encoder, spliced in, against its training "
+                    "tokens (snapshots of the run; the last point is the finished dictionary, "
+                    "after its learning-rate decay), on the first held-out windows; bars: 95 % "
+                    "intervals.",
 }
 PART_TITLES = {"a": "(a) Does non-negative gradient pursuit beat the encoder and its fixes "
                     "at matched L0?",
                "b": "(b) Decoders trained at higher L0, under ITO at a fixed test L0",
                "c": "(c) The selection quirk and the weight profile",
-               "d": "(d) Why a lower FVU can cost more loss"}
+               "d": "(d) Why a lower FVU can cost more loss",
+               "training": "Training tokens: had each dictionary stopped improving?"}
 
 
 def write_study_plots(results: dict[str, Any], out: Path) -> list[Path]:
     """Draw `STUDY_PLOTS` into `out` (PNG and SVG); return the PNG paths."""
     archs = list(dict.fromkeys(d["architecture"] for d in results["dictionaries"].values()))
-    drawers = {"study_delta_loss": (_delta_loss, len(archs)),
-               "study_training_l0": (_training_l0, len(archs)), "study_forest": (_forest, 1)}
+    drawers = {"study_delta_loss": (_delta_loss, archs),
+               "study_training_l0": (_training_l0, archs), "study_forest": (_forest, ["all"])}
+    trained = list(dict.fromkeys(results["dictionaries"][n]["architecture"]
+                                 for n in results.get("curves", {})))
+    if trained:
+        drawers["study_curves"] = (_curves, trained)
     paths = []
-    for stem, (draw, panels) in drawers.items():
+    for stem, (draw, panel_archs) in drawers.items():
+        panels = len(panel_archs)
         height = 4.2 if stem != "study_forest" else 1.2 + 0.32 * len(results["dictionaries"])
         fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels if panels > 1 else 7.5,
                                                      height), squeeze=False)
-        draw(list(axes[0]), results, archs)
+        draw(list(axes[0]), results, panel_archs)
         fig.suptitle(f"{results['model']} {results['site']}, {results['tokens']} tokens",
                      fontsize=10)
         paths.append(save_figure(fig, out / stem, dpi=110))
@@ -107,6 +117,16 @@ def _training_l0(axes: list[Axes], results: dict[str, Any], archs: list[str]) ->
         _finish(ax, arch, "training L0 of the dictionary", "loss recovered")
 
 
+def _curves(axes: list[Axes], results: dict[str, Any], archs: list[str]) -> None:
+    for ax, arch in zip(axes, archs, strict=True):
+        for name, shade in _colours(results, arch).items():
+            curve = results["curves"].get(name)
+            if curve:
+                _errorbar(ax, curve["points"], "tokens", "delta_loss", fmt="o-", color=shade,
+                          markersize=4, label=name)
+        _finish(ax, arch, "training tokens", "delta loss of the encoder (nats)")
+
+
 def _finish(ax: Axes, arch: str, xlabel: str, ylabel: str) -> None:
     """One architecture's panel: L0 on a log2 axis, its labels, grid and legend."""
     ax.set_xscale("log", base=2)
@@ -114,7 +134,8 @@ def _finish(ax: Axes, arch: str, xlabel: str, ylabel: str) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(arch, fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6)
 
 
 def _forest(axes: list[Axes], results: dict[str, Any], archs: list[str]) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from saelab.coding import ENCODER_METHODS, PURSUIT_METHODS
-from saelab.evals import METRICS, load_columns, paired_difference, resample_counts
+from saelab.evals import METRICS, interval, load_columns, paired_difference, resample_counts
 from saelab.io import to_json
 from saelab.study.spec import StudySpec
 
@@ -25,9 +25,11 @@ BETTER = {"fvu": -1, "delta_loss": -1, "kl": -1, "loss_recovered": 1}  # the bet
 
 
 def gather(spec: StudySpec, evaluations: Mapping[str, dict[str, Any]],
-           folders: Mapping[str, Path], training: Mapping[str, dict[str, Any]]
-           ) -> dict[str, Any]:
-    """The study's results.json (less its timings) from each dictionary's comparison."""
+           folders: Mapping[str, Path], training: Mapping[str, dict[str, Any]],
+           curves: Mapping[str, Mapping[int, Path]] | None = None) -> dict[str, Any]:
+    """The study's results.json (less its timings) from each dictionary's comparison, and
+    (`curves`: per trained dictionary, training tokens -> the comparison folder of its
+    encoder at that point) the training curves."""
     dictionaries, rows, comparisons = {}, [], []
     for entry in spec.dictionaries:
         ev = evaluations[entry.name]
@@ -54,7 +56,35 @@ def gather(spec: StudySpec, evaluations: Mapping[str, dict[str, Any]],
             "fit_tokens": first["fit_tokens"], "clean_loss": first["clean_loss"],
             "zero_ablation_loss": first["zero_ablation_loss"],
             "intervals": first["intervals"], "dictionaries": dictionaries, "rows": rows,
-            "comparisons": comparisons}
+            "comparisons": comparisons,
+            "curves": {name: training_curve(points) for name, points in (curves or {}).items()}}
+
+
+CURVE_METRICS = ("fvu", "l0", "delta_loss", "kl", "loss_recovered")
+
+
+def training_curve(points: Mapping[int, Path]) -> dict[str, Any]:
+    """The encoder's metrics at each point of training, on the same windows (the fewest any
+    point was scored on: the first ones), each with its interval; and the last step of the
+    curve as a paired difference in delta loss (the finished dictionary minus the snapshot
+    before it), which says whether the last stretch of training still helped."""
+    columns = {t: load_columns(folder / "windows.npz")["encoder"]
+               for t, folder in sorted(points.items())}
+    n = min(len(c["tokens"]) for c in columns.values())
+    columns = {t: {name: col[:n] for name, col in c.items()} for t, c in columns.items()}
+    counts = resample_counts(n)
+    out: list[dict[str, Any]] = []
+    for tokens, cols in columns.items():
+        ci = {m: interval(METRICS[m], cols, counts) for m in CURVE_METRICS}
+        out.append({"tokens": tokens, **{m: i.value for m, i in ci.items()},
+                    "intervals": {m: [i.low, i.high] for m, i in ci.items()}})
+    curve: dict[str, Any] = {"windows": n, "points": out}
+    if len(columns) > 1:
+        (before, a), (after, b) = list(columns.items())[-2:]
+        d = paired_difference(METRICS["delta_loss"], b, a, counts)
+        curve["last_change"] = {"from_tokens": before, "to_tokens": after, **d.as_json(),
+                                "excludes_zero": d.excludes_zero}
+    return curve
 
 
 def _comparisons(name: str, ev: dict[str, Any], columns: dict[str, dict[str, Any]]
@@ -98,7 +128,28 @@ def verdict(metric: str, difference: float, excludes_zero: bool) -> str:
 def answers(results: dict[str, Any]) -> dict[str, list[str]]:
     """The claim's parts in words, each sentence with its numbers."""
     return {"a": _part_a(results), "b": _part_b(results), "c": _part_c(results),
-            "d": _part_d(results)}
+            "d": _part_d(results), "training": _part_training(results)}
+
+
+def _part_training(results: dict[str, Any]) -> list[str]:
+    """Whether each trained dictionary's own delta loss had stopped improving."""
+    out = []
+    for name, curve in results.get("curves", {}).items():
+        pts = curve["points"]
+        listing = ", ".join(f"{p['tokens']:,}: {p['delta_loss']:.4f}" for p in pts)
+        line = (f"{name}: the encoder's delta loss against training tokens ({listing}; "
+                f"{curve['windows']} windows)")
+        change = curve.get("last_change")
+        if change is not None:
+            state = ("still falling" if change["high"] < 0 else "rising"
+                     if change["low"] > 0 else "no change shown")
+            line += (f"; from {change['from_tokens']:,} to {change['to_tokens']:,} tokens it "
+                     f"changed by {change['value']:+.4f} [{change['low']:+.4f}, "
+                     f"{change['high']:+.4f}] ({state})")
+        out.append(line + ".")
+    if not out:
+        out.append("The study trained no dictionary, so it has no training curves.")
+    return out
 
 
 def _part_a(results: dict[str, Any]) -> list[str]:

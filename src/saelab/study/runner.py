@@ -6,8 +6,10 @@ The folder:
 
     study.json                 the resolved spec (a folder holds one study)
     activations/SITE/          the training store (only if the study trains)
-    dictionaries/NAME/         each trained dictionary's run folder (`saelab train`'s)
+    dictionaries/NAME/         each trained dictionary's run folder (`saelab train`'s),
+                               with snapshots/TOKENS at the curve's training tokens
     evals/NAME/                each dictionary's comparison (`saelab compare`'s files)
+    curves/NAME/TOKENS/        each snapshot's encoder on the curve's windows
     results.json, *.png/svg, report.html
 
 A killed study is run again with the same command: the store and each training run resume
@@ -18,6 +20,7 @@ and each comparison's windows are split over the ranks, and rank 0 writes what t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -43,10 +46,11 @@ from saelab.lm import LanguageModel, load_model
 from saelab.reports import read_metrics, write_study_plots, write_study_report
 from saelab.study.analysis import answers, gather
 from saelab.study.spec import DictionaryEntry, StudySpec
-from saelab.training import TrainConfig, train
+from saelab.training import SNAPSHOTS, TrainConfig, train
 
 log = logging.getLogger(__name__)
 RESULTS = "results.json"
+CURVES = "curves"  # curves/NAME/TOKENS: a snapshot's encoder, for the training curve
 PRINCIPAL_DIRECTIONS = 8  # part (d): the error's share in the activations' top 8 directions
 
 
@@ -83,10 +87,14 @@ def run_study(spec: StudySpec, out: Path, *, say: Callable[[str], None] = log.in
         t = time.perf_counter()
         evaluations[entry.name] = _evaluate(spec, entry, lm, fit_windows, windows, out, passes,
                                             device)
+        if entry.trained:
+            _score_snapshots(spec, entry, lm, fit_windows, windows, out, passes, device)
         seconds[f"score {entry.name}"] = time.perf_counter() - t
     results = gather(spec, evaluations, {e.name: out / "evals" / e.name for e in
                                          spec.dictionaries},
-                     {e.name: _training_outcome(out, e) for e in spec.dictionaries})
+                     {e.name: _training_outcome(out, e) for e in spec.dictionaries},
+                     {e.name: _curve_folders(spec, e, out) for e in spec.dictionaries
+                      if e.trained and _curve_folders(spec, e, out)})
     results["answers"] = answers(results)
     results["seconds"] = {**seconds, "total": time.perf_counter() - began}
     if world.is_main:
@@ -98,13 +106,17 @@ def run_study(spec: StudySpec, out: Path, *, say: Callable[[str], None] = log.in
 
 
 def train_config(spec: StudySpec, entry: DictionaryEntry) -> TrainConfig:
-    """The TrainConfig of one trained entry: the study's sizes, the entry's settings."""
+    """The TrainConfig of one trained entry: the study's sizes, the entry's settings, and a
+    snapshot at each of the study's curve tokens that falls before the run's end."""
     assert entry.architecture is not None
     settings: dict[str, Any] = {"architecture": entry.architecture,
                                 "n_latents": spec.n_latents, "tokens": spec.train_tokens,
                                 "batch_size": spec.batch_size, "target_l0": entry.target_l0,
                                 "seed": spec.seed, "device": spec.device}
-    return TrainConfig(**{**settings, **entry.options})
+    config = TrainConfig(**{**settings, **entry.options})
+    end = config.steps * config.batch_size
+    return dataclasses.replace(config, snapshot_tokens=tuple(
+        t for t in spec.curve_tokens if t < end))
 
 
 def _evaluate(spec: StudySpec, entry: DictionaryEntry, lm: LanguageModel,
@@ -133,6 +145,44 @@ def _evaluate(spec: StudySpec, entry: DictionaryEntry, lm: LanguageModel,
                             about={"model": spec.model, "sae": source, "dictionary": entry.name},
                             batch_tokens=spec.batch_tokens, spliced=spliced, attribution=True,
                             principal_directions=PRINCIPAL_DIRECTIONS, passes=passes)
+
+
+def curve_windows(spec: StudySpec, windows: np.ndarray) -> np.ndarray:
+    """The evaluated windows a training curve is scored on: the first curve_eval_tokens."""
+    return windows[: -(-spec.curve_eval_tokens // (windows.shape[1] - 1))]
+
+
+def _curve_folders(spec: StudySpec, entry: DictionaryEntry, out: Path) -> dict[int, Path]:
+    """Training tokens -> the comparison folder of the encoder at that point of training
+    (the last: the finished dictionary's own comparison, where it has an encoder row)."""
+    config = train_config(spec, entry)
+    points = {t: out / CURVES / entry.name / str(t) for t in config.snapshot_tokens}
+    if "encoder" in spec.coders:
+        points[config.steps * config.batch_size] = out / "evals" / entry.name
+    return points
+
+
+def _score_snapshots(spec: StudySpec, entry: DictionaryEntry, lm: LanguageModel,
+                     fit_windows: np.ndarray, windows: np.ndarray, out: Path,
+                     passes: dict[int, BatchPasses], device: str) -> None:
+    """Each snapshot's encoder, spliced in, on the curve's windows (a comparison folder each,
+    read back once finished)."""
+    curve = curve_windows(spec, windows)
+    snapshots = out / "dictionaries" / entry.name / SNAPSHOTS
+    for tokens in train_config(spec, entry).snapshot_tokens:
+        folder = out / CURVES / entry.name / str(tokens)
+        source = snapshots / str(tokens)
+        config = {"sae": str(source), "coders": ["encoder"], "windows": int(len(curve)),
+                  "fit_windows": int(len(fit_windows)), "first_window": curve[0].tolist(),
+                  "batch_tokens": spec.batch_tokens}
+        if read_comparison(folder, config) is not None:
+            continue
+        sae = load_sae(source, device=device)
+        score_dictionary(lm, sae, spec.site, fit_windows, curve,
+                         lambda k: ([CoderSpec("encoder")], k), folder,
+                         about={"model": spec.model, "sae": str(source),
+                                "dictionary": entry.name, "training_tokens": tokens},
+                         batch_tokens=spec.batch_tokens, passes=passes)
 
 
 def _training_outcome(out: Path, entry: DictionaryEntry) -> dict[str, Any]:

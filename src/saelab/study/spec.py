@@ -73,6 +73,13 @@ class StudySpec:
     train_tokens: int = 2_000_000
     """Training tokens per trained dictionary (the store is reread in epochs)."""
     batch_size: int = 4096
+    curve_tokens: tuple[int, ...] = (125_000, 250_000, 500_000, 1_000_000)
+    """Training tokens at which each trained dictionary is also saved and its encoder scored
+    on the first `curve_eval_tokens` evaluated tokens (delta loss, FVU, L0 with intervals): the
+    curve that says whether more training would still help; its last point is the finished
+    dictionary. (The learning rate decays over the last fifth of a run, so the last point
+    has had its decay and the earlier ones have not.)"""
+    curve_eval_tokens: int = 4096
     dictionaries: tuple[DictionaryEntry, ...] = grid(("relu", "jumprelu", "topk", "batchtopk"),
                                                      (16, 32, 64))
     coders: tuple[str, ...] = ALL_CODERS
@@ -118,7 +125,7 @@ PRESETS: dict[str, StudySpec] = {
     "embedded": StudySpec(),
     # minutes, for CI: the same stages at toy sizes
     "quick": StudySpec(context_size=64, cache_tokens=8_000, n_latents=512, train_tokens=48_000,
-                       batch_size=1000,
+                       batch_size=1000, curve_tokens=(12_000, 24_000), curve_eval_tokens=630,
                        dictionaries=grid(("topk",), (8, 16)),
                        coders=("encoder", "encoder-scaled", "gp", "nn-gp"), ks=(8, 16),
                        eval_tokens=630, fit_tokens=252, batch_tokens=630),

@@ -2,6 +2,6 @@
 
 from saelab.training.config import TrainConfig
 from saelab.training.data import TrainingData
-from saelab.training.trainer import Trainer, train
+from saelab.training.trainer import SNAPSHOTS, Trainer, train
 
-__all__ = ["TrainConfig", "Trainer", "TrainingData", "train"]
+__all__ = ["SNAPSHOTS", "TrainConfig", "Trainer", "TrainingData", "train"]

@@ -56,6 +56,10 @@ class TrainConfig:
     """Expected activation width; checked against the data when given."""
     seed: int = 0
     """Seed for the initialisation and the order of the data."""
+    snapshot_tokens: tuple[int, ...] = ()
+    """Also write the SAE as it is once this many tokens are trained (each count, comma
+    separated), into RUN/snapshots/TOKENS, ready for raw activations like the final one: for
+    curves of what only a model can measure, such as delta loss against training tokens."""
     checkpoint_every: int = 200
     """Steps between checkpoints (a killed run resumes from the last)."""
     log_every: int = 10
@@ -79,6 +83,12 @@ class TrainConfig:
                               expected=f"k in 1..{self.n_latents - 1}",
                               found=f"k={self.k}, n_latents={self.n_latents}",
                               fix="lower --k or raise --n-latents")
+        late = [t for t in self.snapshot_tokens if not 0 < t <= self.steps * self.batch_size]
+        if late:
+            raise SaelabError("--snapshot-tokens must fall within the run",
+                              expected=f"counts in 1..{self.steps * self.batch_size} "
+                              "(steps x batch size)", found=", ".join(map(str, late)),
+                              fix="drop them or raise --tokens")
         for name in ("tokens", "batch_size", "n_latents"):
             if getattr(self, name) < 1:
                 raise SaelabError(f"--{name.replace('_', '-')} must be positive",
@@ -110,6 +120,11 @@ class TrainConfig:
     @property
     def steps(self) -> int:
         return max(1, self.tokens // self.batch_size)
+
+    def snapshot_steps(self) -> dict[int, int]:
+        """The step after which each snapshot is written: the first at which its tokens are
+        trained (step -> tokens asked for)."""
+        return {max(1, -(-t // self.batch_size)): t for t in self.snapshot_tokens}
 
     @property
     def sparsity_ramp_steps(self) -> int:

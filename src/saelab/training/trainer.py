@@ -15,6 +15,7 @@ command continues where it was and ends with the same weights.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import time
@@ -40,8 +41,8 @@ from saelab.training.data import TrainingData
 from saelab.training.monitor import RunMonitor
 from saelab.training.sparsity import SparsitySchedule
 
-CHECKPOINT, CONFIG, METRICS, CURVES = ("checkpoint.pt", "config.json", "metrics.jsonl",
-                                      "curves.png")
+CHECKPOINT, CONFIG, METRICS, CURVES, SNAPSHOTS = ("checkpoint.pt", "config.json",
+                                                 "metrics.jsonl", "curves.png", "snapshots")
 _SAMPLE_ROWS = 4096  # rows of data an architecture's data-dependent start and calibration see
 
 
@@ -182,12 +183,8 @@ def train(config: TrainConfig, source: ActivationStore | Tensor, out: str | Path
     if folder is not None and (folder / CHECKPOINT).is_file():
         trainer.load_state_dict(_read_checkpoint(folder / CHECKPOINT, trainer.device))
         _truncate_metrics(folder / METRICS, trainer.steps_done)
-    _loop(trainer, folder)
-    sae = trainer.sae.eval()
-    sae.calibrate(trainer.sample(_SAMPLE_ROWS).to(trainer.device) * data.input_scale)
-    sae.fold_input_scale(data.input_scale)
-    if isinstance(source, ActivationStore):
-        sae.site, sae.model = source.site, source.model
+    _loop(trainer, folder, source)
+    sae = _as_saved(trainer, trainer.sae.eval(), source)
     outcome = trainer.outcome()
     if folder is not None and world.is_main:
         write_sae(sae, folder, metadata={"training_tokens": config.steps * config.batch_size,
@@ -200,6 +197,29 @@ def train(config: TrainConfig, source: ActivationStore | Tensor, out: str | Path
         (folder / CHECKPOINT).unlink(missing_ok=True)
     world.barrier()
     return sae
+
+
+def _as_saved(trainer: Trainer, sae: SAE, source: ActivationStore | Tensor) -> SAE:
+    """`sae` as a run saves it: calibrated (BatchTopK's threshold), the input scale folded
+    in so that it takes raw activations, and told its site and model."""
+    data = trainer.data
+    sae.calibrate(trainer.sample(_SAMPLE_ROWS).to(trainer.device) * data.input_scale)
+    sae.fold_input_scale(data.input_scale)
+    if isinstance(source, ActivationStore):
+        sae.site, sae.model = source.site, source.model
+    return sae
+
+
+def _snapshot(folder: Path, trainer: Trainer, source: ActivationStore | Tensor,
+              tokens: int) -> None:
+    """The SAE as it is now, saved as the run's end saves it, into snapshots/TOKENS (a copy:
+    the run goes on unchanged). A resumed run writes it again, the same."""
+    if trainer.world.is_main:
+        sae = _as_saved(trainer, copy.deepcopy(trainer.sae).eval(), source)
+        write_sae(sae, folder / SNAPSHOTS / str(tokens), metadata={
+            "training_tokens": trainer.steps_done * trainer.config.batch_size,
+            "saelab_config": asdict(trainer.config), **trainer.outcome()})
+    trainer.world.barrier()
 
 
 def _initial_b_dec(config: TrainConfig, data: TrainingData) -> Tensor:
@@ -216,8 +236,9 @@ def _initial_b_dec(config: TrainConfig, data: TrainingData) -> Tensor:
     return median_D.float()
 
 
-def _loop(trainer: Trainer, folder: Path | None) -> None:
+def _loop(trainer: Trainer, folder: Path | None, source: ActivationStore | Tensor) -> None:
     config, world = trainer.config, trainer.world
+    snapshots = config.snapshot_steps()
     per_epoch = max(1, trainer.data.n // config.batch_size)
     bar = tqdm(total=config.steps * config.batch_size,
                initial=trainer.steps_done * config.batch_size, unit="tok", unit_scale=True,
@@ -237,6 +258,8 @@ def _loop(trainer: Trainer, folder: Path | None) -> None:
                 bar.set_postfix(postfix)
                 if folder is not None and world.is_main:
                     _log(folder, {**metrics, "tokens_per_s": tps})
+            if folder is not None and step in snapshots:
+                _snapshot(folder, trainer, source, snapshots[step])
             if folder is not None and step % config.checkpoint_every == 0:
                 _checkpoint(folder, trainer)
             if step >= config.steps:
