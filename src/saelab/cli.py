@@ -19,6 +19,7 @@ from saelab.verbs import (
     decompose,
     demo,
     info,
+    judge,
     sites,
     study,
     synth,
@@ -39,6 +40,8 @@ VERB_GROUPS: dict[str, tuple[str, dict[str, Verb]]] = {
     "toy": ("Toy models of superposition (Elhage et al. 2022) and SAEs on synthetic data.", {
         "tms": toy.TMS, "dropout": toy.DROPOUT, "phase-diagram": toy.PHASE_DIAGRAM,
         "width-sweep": width_sweep.VERB}),
+    "judge": ("Blind judgement studies: encoder against ITO decompositions, judged by people.", {
+        "new": judge.NEW, "report": judge.REPORT, "export": judge.EXPORT}),
 }
 
 

@@ -12,7 +12,7 @@ from saelab.evals.comparison import (
     site_activations,
 )
 from saelab.evals.intervals import Interval, interval, paired_difference, resample_counts
-from saelab.evals.latents import DashboardConfig, latent_dashboard
+from saelab.evals.latents import DashboardConfig, activations_of, context_of, latent_dashboard
 from saelab.evals.metrics import LatentUsage, ReconstructionMetrics, fvu
 from saelab.evals.overlap import jaccard, order_cosines, top_kept
 from saelab.evals.splice import CleanPass, clean_pass, spliced_loss
@@ -27,9 +27,10 @@ from saelab.evals.sweep import (
 )
 from saelab.evals.windows import METRICS, load_columns
 
-__all__ = ["CODER_NAMES", "METRICS", "BatchPasses", "CleanPass", "CoderName", "CoderSpec", "CompareConfig",
-           "DashboardConfig", "EvaluateConfig", "Interval", "LatentUsage",
-           "ReconstructionMetrics", "check_sae_fits_store", "clean_pass", "coded_batches",
+__all__ = ["CODER_NAMES", "METRICS", "BatchPasses", "CleanPass", "CoderName", "CoderSpec",
+           "CompareConfig", "DashboardConfig", "EvaluateConfig", "Interval", "LatentUsage",
+           "ReconstructionMetrics", "activations_of", "check_sae_fits_store", "clean_pass",
+           "coded_batches", "context_of",
            "compare", "corpus_windows", "fvu", "interval", "jaccard", "latent_dashboard",
            "load_columns", "order_cosines", "paired_difference", "plan", "read_comparison",
            "resample_counts", "run_sweep", "score_dictionary", "site_activations",

@@ -157,7 +157,7 @@ def _latent(latent: int, acts_B: Tensor, store: ActivationStore, lm: LanguageMod
     counts, edges = (torch.histogram(fired.double(), bins=HISTOGRAM_BINS) if len(fired)
                      else (torch.zeros(0), torch.zeros(0)))
     top = acts_B.abs().topk(min(cfg.contexts, len(acts_B)))
-    contexts = [_context(int(row), acts_B, store, lm, cfg.window)
+    contexts = [context_of(int(row), acts_B, store, lm, cfg.window)
                 for value, row in zip(top.values, top.indices, strict=True) if value > 0]
     return {"latent": latent, "frequency": float(fired_B.double().mean()),
             "fires": int(fired_B.sum()),
@@ -167,10 +167,12 @@ def _latent(latent: int, acts_B: Tensor, store: ActivationStore, lm: LanguageMod
             "contexts": contexts}
 
 
-def _context(row: int, acts_B: Tensor, store: ActivationStore, lm: LanguageModel,
-             window: int) -> dict[str, Any]:
-    """The tokens around row's token, each with the latent's activation where it was coded
-    (None before the window's first stored position or past the coded rows)."""
+def context_of(row: int, acts_B: Tensor | None, store: ActivationStore, lm: LanguageModel,
+               window: int) -> dict[str, Any]:
+    """The tokens around row's token (`window` before, AFTER after; `top` marks row's own),
+    each with the latent's activation where it was coded (None before the window's first
+    stored position, past the coded rows, or everywhere when `acts_B` is None: a context
+    shown without shading)."""
     ctx = store.context(row)
     first_stored = store.context_size - store.rows_per_window
     positions = range(max(ctx.position - window, 0),
@@ -178,13 +180,15 @@ def _context(row: int, acts_B: Tensor, store: ActivationStore, lm: LanguageModel
     tokens = []
     for p in positions:
         other = row + p - ctx.position
-        coded = p >= first_stored and 0 <= other < len(acts_B)
+        coded = acts_B is not None and p >= first_stored and 0 <= other < len(acts_B)
         tokens.append({"text": lm.tokenizer.decode([ctx.token_ids[p]]),
                        "id": int(ctx.token_ids[p]),
-                       "activation": float(acts_B[other]) if coded else None,
+                       "activation": float(acts_B[other]) if coded and acts_B is not None
+                       else None,
                        "top": p == ctx.position})
     return {"row": row, "window": ctx.window, "position": ctx.position,
-            "activation": float(acts_B[row]), "tokens": tokens}
+            "activation": float(acts_B[row]) if acts_B is not None else None,
+            "tokens": tokens}
 
 
 def logit_effects(directions_AD: Tensor, lm: LanguageModel, m: int
