@@ -8,6 +8,10 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.saelab-installed
 PYTEST_ARGS ?=
+# The judge's browser tests drive Debian's Chromium with the playwright pip package (its own
+# browser download cannot work offline); make installs the Debian package when it is missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q
 
 .PHONY: demo test install lint bench clean
 
@@ -18,8 +22,9 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml Makefile tests/peers.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[embedded,test,lint]"
+	$(BIN)/python -m pip install --quiet -e ".[embedded,judge,test,lint]"
 	$(BIN)/python -m pip install --quiet --no-deps -r tests/peers.txt
+	command -v chromium >/dev/null 2>&1 || $(APT) chromium || ($(SUDO) apt-get update -q && $(APT) chromium)
 	touch $@
 
 install: $(STAMP)

@@ -41,7 +41,8 @@ VERB_GROUPS: dict[str, tuple[str, dict[str, Verb]]] = {
         "tms": toy.TMS, "dropout": toy.DROPOUT, "phase-diagram": toy.PHASE_DIAGRAM,
         "width-sweep": width_sweep.VERB}),
     "judge": ("Blind judgement studies: encoder against ITO decompositions, judged by people.", {
-        "new": judge.NEW, "report": judge.REPORT, "export": judge.EXPORT}),
+        "new": judge.NEW, "serve": judge.SERVE, "report": judge.REPORT,
+        "export": judge.EXPORT}),
 }
 
 

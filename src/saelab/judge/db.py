@@ -109,6 +109,9 @@ class StudyDB:
     def meta(self) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in self.con.execute("SELECT key, value FROM meta")}
 
+    def tasks(self) -> set[str]:
+        return {r[0] for r in self.con.execute("SELECT DISTINCT task FROM trials")}
+
     def trial(self, trial: int) -> tuple[str, dict[str, Any]]:
         """(task, payload) of one trial: what a rater is shown."""
         row = self.con.execute("SELECT task, payload FROM trials WHERE id = ?",

@@ -1,4 +1,4 @@
-"""`saelab judge new | report | export`: blind judgement studies of two coders on one
+"""`saelab judge new | serve | report | export`: blind judgement studies of two coders on one
 dictionary (`saelab.judge` does the work)."""
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from saelab.judge import (
     JudgeExportConfig,
     JudgeNewConfig,
     JudgeReportConfig,
+    JudgeServeConfig,
     export_answers,
     judge_results,
     new_study,
+    serve,
 )
 from saelab.reports import judge_sentences, write_judge_report
 
@@ -39,6 +41,9 @@ def _report_summary(result: dict[str, Any]) -> list[str]:
 
 NEW = Verb(JudgeNewConfig, new_study, _new_summary, "Freeze a blind judgement study of two "
            "coders on one SAE: rate, pair and intruder trials in study.db.")
+SERVE = Verb(JudgeServeConfig, serve, lambda r: [f"stopped serving {r['study']}"],
+             "Serve the study to raters in the browser (localhost by default; elsewhere "
+             "with --token); every answer is committed as it is given.")
 REPORT = Verb(JudgeReportConfig, run_report, _report_summary, "The answers so far, "
               "unblinded: ratings, preferences and intruder accuracy per coder with tests, "
               "intervals, agreement and a power line (results.json, report.html).")
