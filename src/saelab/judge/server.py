@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from saelab.config import say
 from saelab.errors import SaelabError
 from saelab.judge.db import DATABASE, StudyDB
 
@@ -181,5 +182,8 @@ def serve(cfg: JudgeServeConfig) -> dict[str, Any]:
                           expected="pip install 'saelab[judge]'", found=str(err),
                           fix="install the judge extra") from err
     app = create_app(cfg.study, cfg.token)
+    query = f"?token={cfg.token}" if cfg.token else ""
+    say(f"serving {cfg.study} at http://{cfg.host}:{cfg.port}/{query} (Ctrl-C stops it; "
+        "every answer is saved as it is given)")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
     return {"study": str(cfg.study)}
