@@ -107,3 +107,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def store(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3,000-row store of the tiny Llama at blocks.1.hook_resid_post, for training runs."""
+    import saelab as sl
+
+    root = tmp_path_factory.mktemp("train-store")
+    sl.cache_activations(root, model=str(tiny_model_dir), sites=("blocks.1.hook_resid_post",),
+                         tokens=3000, context_size=32)
+    return root

@@ -324,14 +324,6 @@ def test_training_errors(tmp_path):
                  tmp_path / "r")
 
 
-@pytest.fixture(scope="module")
-def store(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-store")
-    sl.cache_activations(root, model=str(tiny_model_dir), sites=("blocks.1.hook_resid_post",),
-                         tokens=3000, context_size=32)
-    return root
-
-
 def train_cli(store, out, *extra, runner=(sys.executable, "-m", "saelab")):
     args = [*runner, "train", "--activations", str(store), "--out", str(out), "--architecture",
             "topk", "--n-latents", "128", "--k", "4", "--batch-size", "100", "--lr", "1e-3",
@@ -346,13 +338,17 @@ def weights(folder):
     return load_file(str(folder / "sae_weights.safetensors"))
 
 
-@pytest.mark.parametrize("steered", [False, True])
-def test_kill_and_resume_gives_identical_weights(store, tmp_path, steered):
-    """Also for a ReLU run steered to a target L0: the controller's state is in the
-    checkpoint, or the resumed run's coefficients (and weights) would differ."""
+@pytest.mark.parametrize("run", ["topk", "steered", "pursuit"])
+def test_kill_and_resume_gives_identical_weights(store, tmp_path, run):
+    """Also for a ReLU run steered to a target L0 (the controller's state is in the
+    checkpoint, or the resumed run's coefficients and weights would differ), and for a
+    dictionary trained with gradient pursuit in the loop (its dead-latent restarts too)."""
+    steered = run == "steered"
     steps = ["--tokens", "100000"]  # 1000 steps
     if steered:
         steps += ["--architecture", "relu", "--target-l0", "8"]
+    if run == "pursuit":
+        steps += ["--architecture", "pursuit", "--pursuit", "gp"]
     assert train_cli(store, tmp_path / "whole", *steps).wait() == 0
     run = train_cli(store, tmp_path / "killed", *steps)
     checkpoint = tmp_path / "killed" / "checkpoint.pt"

@@ -10,8 +10,9 @@ from saelab.saes.base import (
 )
 from saelab.saes.batchtopk import BatchTopKSAE
 from saelab.saes.jumprelu import JumpReluSAE
+from saelab.saes.pursuit import PursuitSAE
 from saelab.saes.relu import ReluSAE
 from saelab.saes.topk import TopKSAE
 
-__all__ = ["REGISTRY", "SAE", "BatchTopKSAE", "JumpReluSAE", "LossOutput", "ReluSAE",
-           "SparsityControl", "TopKSAE", "architecture", "register_architecture"]
+__all__ = ["REGISTRY", "SAE", "BatchTopKSAE", "JumpReluSAE", "LossOutput", "PursuitSAE",
+           "ReluSAE", "SparsityControl", "TopKSAE", "architecture", "register_architecture"]

@@ -19,14 +19,20 @@ from saelab.saes import SAE, architecture
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     architecture: str = "topk"
-    """SAE architecture: relu (L1), topk, batchtopk, jumprelu, or one registered with
-    saelab.register_architecture."""
+    """SAE architecture: relu (L1), topk, batchtopk, jumprelu, pursuit (a dictionary coded
+    by a pursuit, no encoder), or one registered with saelab.register_architecture."""
     n_latents: int = 4096
     """Dictionary size."""
     k: int | None = None
     """Active latents per token: topk's k, batchtopk's average, jumprelu's starting L0 (its
     thresholds start where each latent fires on k / n_latents of the data). Unused by relu.
     Default: --target-l0 when given, else 32."""
+    pursuit: Literal["mp", "gp", "omp"] = "gp"
+    """The pursuit architecture's coder, which it trains with and codes with: matching,
+    gradient or orthogonal matching pursuit, at k latents per token."""
+    nonnegative: bool = True
+    """The pursuit architecture's codes stay >= 0 (as SAE encoders' do); --no-nonnegative:
+    signed."""
     target_l0: float | None = None
     """L0 to end at. relu, jumprelu: the sparsity coefficient starts at --sparsity-coef and a
     controller then moves it until the L0 is this (its final value goes to config.json and
