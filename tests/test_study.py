@@ -142,6 +142,15 @@ def test_a_killed_study_resumes_to_the_same_results(tmp_path, tiny_model_dir, lo
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert not (out / "results.json").is_file()
+    assert main(["study", "--config", str(path), "--out", str(out), "--partial"]) == 0
+    partial = json.loads((out / "partial" / "results.json").read_text())
+    assert partial["partial"] == {"scored": ["topk-4"], "missing": ["saelens"]}
+    assert measured(partial["rows"]) == [r for r in measured(whole["rows"])
+                                         if r["dictionary"] == "topk-4"]
+    curve_done = all((out / "curves" / "topk-4" / t / "windows.npz").is_file()
+                     for t in ("1500", "3000"))  # the kill may come before its curve
+    assert partial["curves"] == (whole["curves"] if curve_done else {})
+    assert (out / "partial" / "report.html").is_file()
     resumed = run(tmp_path, "killed", spec)
     assert measured(resumed["rows"]) == measured(whole["rows"])
     assert resumed["comparisons"] == whole["comparisons"]

@@ -189,6 +189,10 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
         f"{html.escape(caption)}</figcaption></figure>" for stem, caption in STUDY_PLOTS.items()
         if (out / f"{stem}.svg").is_file())
     seconds = results.get("seconds", {})
+    partial = results.get("partial")
+    when = (f"A partial report: {len(partial['scored'])} dictionaries scored so far; still "
+            f"to score: {', '.join(partial['missing']) or 'none'}." if partial else
+            f"Total time {seconds.get('total', float('nan')):.0f} s.")
     page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>saelab study: "
             f"{html.escape(results['site'])}</title><style>{PAGE_STYLE}</style></head><body>"
             f"<h1>Encoder vs inference-time optimisation: the study</h1>"
@@ -196,7 +200,7 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
             f"{results['tokens']} held-out tokens in {results['windows']} windows (clean loss "
             f"{results['clean_loss']:.4f}, zero ablation {results['zero_ablation_loss']:.4f}); "
             f"intervals: 95 % percentile bootstrap over windows, paired where two coders are "
-            f"compared. Total time {seconds.get('total', float('nan')):.0f} s.</p>{parts}"
+            f"compared. {html.escape(when)}</p>{parts}"
             f"<h2>Dictionaries</h2><table><tr><th>name</th><th>architecture</th>"
             f"<th>training L0</th><th>encoder L0</th><th>sparsity coefficient</th>"
             f"<th>training warnings</th></tr>{dicts}</table>"

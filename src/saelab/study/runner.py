@@ -11,6 +11,7 @@ The folder:
     evals/NAME/                each dictionary's comparison (`saelab compare`'s files)
     curves/NAME/TOKENS/        each snapshot's encoder on the curve's windows
     results.json, *.png/svg, report.html
+    partial/                   `--partial`: the same, of the dictionaries scored so far
 
 A killed study is run again with the same command: the store and each training run resume
 from their checkpoints, a finished comparison is read back, and only what is missing is done.
@@ -30,8 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from saelab.activations import cache_activations
+from saelab.activations import ActivationStore, cache_activations
 from saelab.distributed import join_world
+from saelab.errors import SaelabError
 from saelab.evals import (
     BatchPasses,
     CoderSpec,
@@ -50,14 +52,18 @@ from saelab.training import SNAPSHOTS, TrainConfig, train
 
 log = logging.getLogger(__name__)
 RESULTS = "results.json"
+PARTIAL = "partial"  # out/partial/: what `--partial` gathers of a study still running
 CURVES = "curves"  # curves/NAME/TOKENS: a snapshot's encoder, for the training curve
 PRINCIPAL_DIRECTIONS = 8  # part (d): the error's share in the activations' top 8 directions
 
 
-def run_study(spec: StudySpec, out: Path, *, say: Callable[[str], None] = log.info
-              ) -> dict[str, Any]:
-    """Run (or resume) the study `spec` in `out`; return its results."""
+def run_study(spec: StudySpec, out: Path, *, say: Callable[[str], None] = log.info,
+              partial: bool = False) -> dict[str, Any]:
+    """Run (or resume) the study `spec` in `out`; return its results. With `partial`,
+    train and score nothing: gather the dictionaries scored so far into `out/partial/`."""
     record_run(out / "study.json", to_json(spec), what="a study")
+    if partial:
+        return _gather_finished(spec, out, say)
     seconds: dict[str, float] = {}
     began = time.perf_counter()
     world = join_world(spec.device)  # under torchrun every stage runs on every rank
@@ -119,16 +125,75 @@ def train_config(spec: StudySpec, entry: DictionaryEntry) -> TrainConfig:
         t for t in spec.curve_tokens if t < end))
 
 
+def _gather_finished(spec: StudySpec, out: Path, say: Callable[[str], None]
+                     ) -> dict[str, Any]:
+    """The study so far: the dictionaries whose comparison is finished, gathered into
+    out/partial/ as the whole study would be; nothing is trained or scored."""
+    lm = load_model(spec.model)  # for its tokenizer: the same windows as the study's
+    skip = 0
+    if spec.trains:
+        store = ActivationStore(out / "activations" / spec.site)
+        skip = store.manifest["n_windows"] * (spec.context_size - 1)
+    fit_windows, windows = corpus_windows(lm, spec.corpus, text_column=spec.text_column,
+                                          context_size=spec.context_size, skip_tokens=skip,
+                                          fit_tokens=spec.fit_tokens, tokens=spec.eval_tokens)
+    evaluations, missing = {}, []
+    for entry in spec.dictionaries:
+        folder = out / "evals" / entry.name
+        done = read_comparison(folder, _comparison_config(spec, entry, out, fit_windows,
+                                                          windows)) \
+            if (folder / "config.json").is_file() else None
+        if done is None:
+            missing.append(entry.name)
+        else:
+            evaluations[entry.name] = done
+    if not evaluations:
+        raise SaelabError(f"no dictionary of the study in {out} is scored yet",
+                          expected="at least one finished comparison in evals/",
+                          found="none", fix="let the study run on, then look again")
+    done_spec = dataclasses.replace(spec, dictionaries=tuple(
+        e for e in spec.dictionaries if e.name in evaluations))
+    finished = done_spec.dictionaries
+    results = gather(done_spec, evaluations, {e.name: out / "evals" / e.name for e in finished},
+                     {e.name: _training_outcome(out, e) for e in finished},
+                     {e.name: _curve_folders(spec, e, out) for e in finished
+                      if e.trained and _curves_done(spec, e, out)})
+    results["answers"] = answers(results)
+    results["partial"] = {"scored": list(evaluations), "missing": missing}
+    results["seconds"] = {}
+    say(f"{len(evaluations)} of {len(spec.dictionaries)} dictionaries scored; "
+        f"gathered into {out / PARTIAL}")
+    write_json(out / PARTIAL / RESULTS, results)
+    write_study_plots(results, out / PARTIAL)
+    write_study_report(results, out / PARTIAL)
+    return results
+
+
+def _curves_done(spec: StudySpec, entry: DictionaryEntry, out: Path) -> bool:
+    return all((folder / "windows.npz").is_file()
+               for folder in _curve_folders(spec, entry, out).values())
+
+
+def _comparison_config(spec: StudySpec, entry: DictionaryEntry, out: Path,
+                       fit_windows: np.ndarray, windows: np.ndarray) -> dict[str, Any]:
+    """What ties a dictionary's comparison folder to the study: a finished one with this
+    config is read back."""
+    return {"sae": _source(out, entry), "coders": list(spec.coders), "ks": list(spec.ks),
+            "spliced_at_every_k": list(spec.spliced_at_every_k),
+            "windows": int(len(windows)), "fit_windows": int(len(fit_windows)),
+            "first_window": windows[0].tolist(), "batch_tokens": spec.batch_tokens}
+
+
+def _source(out: Path, entry: DictionaryEntry) -> str:
+    return str(out / "dictionaries" / entry.name) if entry.trained else str(entry.sae)
+
+
 def _evaluate(spec: StudySpec, entry: DictionaryEntry, lm: LanguageModel,
               fit_windows: np.ndarray, windows: np.ndarray, out: Path,
               passes: dict[int, BatchPasses], device: str) -> dict[str, Any]:
     folder = out / "evals" / entry.name
-    source = str(out / "dictionaries" / entry.name) if entry.trained else str(entry.sae)
-    config = {"sae": source, "coders": list(spec.coders), "ks": list(spec.ks),
-              "spliced_at_every_k": list(spec.spliced_at_every_k),
-              "windows": int(len(windows)), "fit_windows": int(len(fit_windows)),
-              "first_window": windows[0].tolist(), "batch_tokens": spec.batch_tokens}
-    done = read_comparison(folder, config)
+    source = _source(out, entry)
+    done = read_comparison(folder, _comparison_config(spec, entry, out, fit_windows, windows))
     if done is not None:
         return done
     torch.manual_seed(spec.seed)

@@ -22,6 +22,9 @@ class StudyConfig:
     config: Path | None = None
     """A .json or .toml file naming the dictionaries (trained, or loaded with `sae = ...`),
     coders, k grid and token counts (StudySpec's fields); it replaces the preset."""
+    partial: bool = False
+    """Train and score nothing: gather the dictionaries scored so far into OUT/partial/
+    (results.json, plots, report.html), e.g. beside a study still running."""
 
 
 def spec_of(cfg: StudyConfig) -> StudySpec:
@@ -29,7 +32,7 @@ def spec_of(cfg: StudyConfig) -> StudySpec:
 
 
 def run(cfg: StudyConfig) -> dict[str, Any]:
-    return run_study(spec_of(cfg), cfg.out, say=say)
+    return run_study(spec_of(cfg), cfg.out, say=say, partial=cfg.partial)
 
 
 def summary(results: dict[str, Any]) -> list[str]:
@@ -40,6 +43,9 @@ def summary(results: dict[str, Any]) -> list[str]:
               for r in results["rows"] if r["matched"]]
     for sentences in results["answers"].values():
         lines += sentences
+    if "partial" in results:
+        return [*lines, f"partial: {len(results['partial']['scored'])} dictionaries scored, "
+                f"still to score: {', '.join(results['partial']['missing']) or 'none'}"]
     return [*lines, f"done in {results['seconds']['total']:.0f} s"]
 
 
