@@ -36,6 +36,8 @@ from saelab.coding import Coder
 from saelab.errors import SaelabError
 from saelab.evals.sweep import plan
 from saelab.formats.releases import saelens_directory
+from saelab.judge import JudgeNewConfig, StudyDB, Trial
+from saelab.judge.db import create_study_db
 from saelab.saes import REGISTRY, ReluSAE, TopKSAE
 from saelab.training import TrainingData
 
@@ -545,6 +547,25 @@ def any_release() -> str:
     return next(iter(directory))
 
 
+def judge_new_argv(c: Ctx, *extra: Any) -> list[Any]:
+    return ["judge", "new", "--sae", c.w.sae, "--activations", c.w.store, "--out", c.out,
+            *extra]
+
+
+def answer_twice(c: Ctx) -> None:
+    create_study_db(c.tmp / "s.db", {"seed": 0}, [Trial("rate", {}, {})])
+    db = StudyDB(c.tmp / "s.db")
+    db.join("ada")
+    db.answer("ada", 1, {"score": 1})
+    db.answer("ada", 1, {"score": 2})
+
+
+def unscored_study(c: Ctx) -> Path:
+    return c.text("s.json", json.dumps({
+        "model": str(c.w.model), "site": SITE, "context_size": 16, "eval_tokens": 150,
+        "fit_tokens": 30, "dictionaries": [{"name": "x", "sae": str(c.w.sae)}]}))
+
+
 # --- the table -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -687,6 +708,22 @@ CASES: dict[str, Cli | Py] = {
         c, "--method", "encoder", sae=sae_folder(c, model="someone/other-model"))),
     "evals/sweep.py::CoderSpec.named::unknown coder {}": Py(lambda c: plan(["lasso"], [8], 4)),
     # study
+    "study/runner.py::_gather_finished::no dictionary of the study in {} is scored yet":
+        Cli(lambda c: ["study", "--config", unscored_study(c), "--out", c.out, "--partial"]),
+    "judge/build.py::JudgeNewConfig.__post_init__::a judgement study compares two coders":
+        Cli(lambda c: judge_new_argv(c, "--coders", "encoder")),
+    "judge/build.py::JudgeNewConfig.__post_init__::unknown judgement task":
+        Py(lambda c: JudgeNewConfig(sae="x", activations=c.tmp, out=c.out, tasks=("vote",))),
+    "judge/build.py::new_study::no latent fires often enough under both coders":
+        Cli(lambda c: judge_new_argv(c, "--tokens", "5")),
+    "judge/db.py::StudyDB.__init__::no judgement study at {}":
+        Cli(lambda c: ["judge", "report", c.tmp, "--out", c.out]),
+    "judge/db.py::StudyDB.answer::trial {} cannot take this answer": Py(answer_twice),
+    "judge/server.py::JudgeServeConfig.__post_init__::serving on {} needs a token":
+        Cli(lambda c: ["judge", "serve", c.tmp, "--host", "0.0.0.0"]),
+    "judge/server.py::serve::saelab judge serve needs starlette and uvicorn":
+        Cli(lambda c: ["judge", "serve", c.tmp],
+            patch=lambda c: c.mp.setitem(sys.modules, "uvicorn", None)),
     "study/spec.py::DictionaryEntry.__post_init__::study dictionary {} needs exactly one source":
         Cli(lambda c: study_argv(c, {"dictionaries": [{"name": "a"}]})),
     "study/spec.py::StudySpec.__post_init__::a study needs dictionaries with distinct names":

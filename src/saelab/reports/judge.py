@@ -71,8 +71,8 @@ def write_judge_report(results: dict[str, Any], out: Path) -> Path:
         entry = rate.get(coder, {})
         if entry.get("mean") is not None:
             ci = entry.get("interval") or {"low": entry["mean"], "high": entry["mean"]}
-            axes[0].errorbar([i], [entry["mean"]], yerr=[[entry["mean"] - ci["low"]],
-                                                         [ci["high"] - entry["mean"]]],
+            axes[0].errorbar([i], [entry["mean"]], yerr=[[max(0, entry["mean"] - ci["low"])],
+                                                         [max(0, ci["high"] - entry["mean"])]],
                              fmt="o", color=colour(coder), capsize=3)
     axes[0].set(xticks=range(2), xticklabels=coders, ylim=(0, 2),
                 ylabel="mean rating (90 % BCa)", title="rate")

@@ -94,7 +94,10 @@ def _pareto(ax: Axes, results: dict[str, Any], key: str, label: str) -> None:
         low, high = (np.asarray([r["intervals"][key][i] for r in rows]) for i in (0, 1))
         dashed = both_signs and rows[0]["k"] is not None and not rows[0]["nonnegative"]
         style = ("o--" if dashed else "o-") if len(rows) > 1 else "s"
-        ax.errorbar(l0, y, yerr=np.stack([y - low, high - y]), fmt=style, color=colour(name),
+        # a percentile interval need not hold its point (a ratio over few windows): the bar
+        # then stops at the point
+        bars = np.clip(np.stack([y - low, high - y]), 0, None)
+        ax.errorbar(l0, y, yerr=bars, fmt=style, color=colour(name),
                     label=name, markersize=5, capsize=2, elinewidth=0.8)
     ax.axvline(results["encoder_l0"], color="#999999", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)

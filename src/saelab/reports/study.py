@@ -70,7 +70,8 @@ def _errorbar(ax: Axes, rows: list[dict[str, Any]], x: str, y: str, **kw: Any) -
     ys = np.asarray([r[y] for r in rows], dtype=float)
     lo = np.asarray([r["intervals"][y][0] for r in rows])
     hi = np.asarray([r["intervals"][y][1] for r in rows])
-    ax.errorbar(xs, ys, yerr=np.stack([ys - lo, hi - ys]), capsize=2, elinewidth=0.8, **kw)
+    bars = np.clip(np.stack([ys - lo, hi - ys]), 0, None)  # a percentile interval may miss
+    ax.errorbar(xs, ys, yerr=bars, capsize=2, elinewidth=0.8, **kw)  # its point: stop there
 
 
 def _colours(results: dict[str, Any], arch: str) -> dict[str, Any]:
