@@ -308,6 +308,22 @@ def test_snapshots_are_the_run_at_their_tokens_and_leave_it_unchanged(tmp_path):
         sl.TrainConfig(tokens=40_000, batch_size=500, snapshot_tokens=(40_001,))
 
 
+def test_a_run_recorded_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    """config.json without `nonnegative` (as an older saelab wrote it): the same run is
+    read back; with the setting away from its default, it is refused."""
+    x = planted_data(n_rows=2000)[0]
+    cfg = sl.TrainConfig(n_latents=64, k=4, tokens=1000, batch_size=500)
+    sl.train(cfg, x, tmp_path / "r")
+    run = json.loads((tmp_path / "r" / "config.json").read_text())
+    del run["config"]["nonnegative"]
+    (tmp_path / "r" / "config.json").write_text(json.dumps(run))
+    assert torch.equal(sl.train(cfg, x, tmp_path / "r").W_dec,
+                       sl.load_sae(tmp_path / "r").W_dec)
+    with pytest.raises(sl.SaelabError, match="found: +nonnegative=None"):
+        sl.train(sl.TrainConfig(n_latents=64, k=4, tokens=1000, batch_size=500,
+                                nonnegative=False), x, tmp_path / "r")
+
+
 def test_training_errors(tmp_path):
     x = planted_data(n_rows=2000)[0]
     with pytest.raises(sl.SaelabError, match="k in 1..63"):

@@ -104,12 +104,16 @@ def to_json(config: Any) -> dict[str, Any]:
 
 
 def record_run(path: Path, config: dict[str, Any], *, what: str,
-               inputs: dict[str, Any] | None = None) -> bool:
+               inputs: dict[str, Any] | None = None,
+               defaults: dict[str, Any] | None = None) -> bool:
     """Tie a run folder to one config: the run file `path` records `config` (and `inputs`,
     such as a model's sha256, which are compared only when given) the first time; later,
     the same config is a resumed run (True) and any other is refused, naming the settings
-    that differ, so two runs never mix their files in one folder. False: recorded now."""
+    that differ, so two runs never mix their files in one folder. A setting the record
+    lacks (a run made before the setting existed) matches when it is at its `defaults`
+    value. False: recorded now."""
     config = json.loads(json.dumps(config))  # as it reads back: tuples are lists
+    defaults = json.loads(json.dumps(defaults or {}))
     if not path.is_file():
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         write_json(path, {"config": config, "inputs": inputs or {}, "started": stamp,
@@ -122,7 +126,8 @@ def record_run(path: Path, config: dict[str, Any], *, what: str,
                           expected="config and inputs recorded by saelab",
                           found=", ".join(sorted(recorded)) or "an empty object",
                           fix="use another output folder, or delete this one to start over")
-    diff = {k: (old_config.get(k), v) for k, v in config.items() if old_config.get(k) != v}
+    diff = {k: (old_config.get(k), v) for k, v in config.items() if old_config.get(k) != v
+            and not (k not in old_config and k in defaults and defaults[k] == v)}
     diff |= {k: (old_inputs.get(k), v) for k, v in (inputs or {}).items()
              if old_inputs.get(k) != v}
     if diff:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from saelab.errors import SaelabError
 from saelab.saes import SAE, architecture
@@ -122,6 +122,12 @@ class TrainConfig:
             object.__setattr__(self, "k", round(target))
         elif self.k is None:
             object.__setattr__(self, "k", round(target) if target is not None else 32)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each field's default (a run recorded before a field existed ran at it)."""
+        return {f.name: f.default for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING}
 
     @property
     def steps(self) -> int:

@@ -176,7 +176,8 @@ def train(config: TrainConfig, source: ActivationStore | Tensor, out: str | Path
     world = join_world(config.device)
     folder = Path(out) if out is not None else None
     if folder is not None:
-        resumed = record_run(folder / CONFIG, asdict(config), what="a training run")
+        resumed = record_run(folder / CONFIG, asdict(config), what="a training run",
+                             defaults=TrainConfig.defaults())
         if resumed and (folder / "cfg.json").is_file() and not (folder / CHECKPOINT).is_file():
             return load_sae(folder, device=world.device(config.device))
     trainer = Trainer(config, data, world)
