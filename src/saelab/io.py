@@ -113,7 +113,7 @@ def record_run(path: Path, config: dict[str, Any], *, what: str,
     lacks (a run made before the setting existed) matches when it is at its `defaults`
     value. False: recorded now."""
     config = json.loads(json.dumps(config))  # as it reads back: tuples are lists
-    defaults = json.loads(json.dumps(defaults or {}))
+    known: dict[str, Any] = json.loads(json.dumps(defaults or {}))
     if not path.is_file():
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         write_json(path, {"config": config, "inputs": inputs or {}, "started": stamp,
@@ -127,7 +127,7 @@ def record_run(path: Path, config: dict[str, Any], *, what: str,
                           found=", ".join(sorted(recorded)) or "an empty object",
                           fix="use another output folder, or delete this one to start over")
     diff = {k: (old_config.get(k), v) for k, v in config.items() if old_config.get(k) != v
-            and not (k not in old_config and k in defaults and defaults[k] == v)}
+            and not (k not in old_config and k in known and known[k] == v)}
     diff |= {k: (old_inputs.get(k), v) for k, v in (inputs or {}).items()
              if old_inputs.get(k) != v}
     if diff:
