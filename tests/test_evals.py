@@ -230,6 +230,9 @@ def test_order_cosines_equal_least_squares_projections():
             proj = span @ (torch.linalg.pinv(span) @ w)  # a re-picked latent: rank-deficient
             assert cos[r, step].item() == pytest.approx(proj.norm().item(), abs=1e-7)
         assert torch.isnan(cos[r, len(order):]).all()
+    capped = order_cosines(SparseCode(code.indices, code.values.double()), W, slots=3)
+    assert torch.equal(capped[:, :3].nan_to_num(-1), cos[:, :3].nan_to_num(-1))
+    assert torch.isnan(capped[:, 3:]).all()  # past the 3 largest: not followed
 
 
 def test_sweep_against_float64_losses_and_python_set_overlaps(lm64):
