@@ -36,24 +36,28 @@ def solve_masked(G_BKK: Tensor, y_BK: Tensor, live_BK: Tensor) -> Tensor:
 
 
 def nnls(G_BKK: Tensor, y_BK: Tensor, live_BK: Tensor, z0_BK: Tensor | None = None,
-         max_iter: int | None = None) -> Tensor:
+         max_iter: int | None = None, z0_optimal: bool = True) -> Tensor:
     """Non-negative least squares on each row's live slots (Lawson & Hanson 1974), batched.
 
     Minimises 1/2 z'Gz - y'z subject to z >= 0, i.e. ||x - z D_S||^2 for G = D_S D_S' and
     y = D_S x. All rows step together: a row either adds the slot with the largest positive
     gradient to its passive set, or, when its last solve went negative, steps back to
-    feasibility and drops the slot that hit zero. `z0` warm-starts (OMP adds one slot a step).
+    feasibility and drops the slot that hit zero. `z0` warm-starts: the optimum on its own
+    positive slots (OMP adds one slot a step), or, with `z0_optimal` False, any feasible
+    point, whose positive slots are solved on first (the encoder-refit starts from the
+    encoder's code, a few steps back from the full support instead of adding it slot by slot).
     """
     B, K = y_BK.shape
     z_BK = torch.zeros_like(y_BK) if z0_BK is None else z0_BK.clamp(min=0) * live_BK
     passive_BK = z_BK > 0
     tol_B1 = 1e-6 * y_BK.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(y_BK.dtype).tiny)
     may_add_B = torch.ones(B, dtype=torch.bool, device=y_BK.device)
+    settled_B = torch.full((B,), z0_BK is None or z0_optimal, device=y_BK.device)
     for _ in range(max_iter or 3 * K + 3):
         grad_BK = y_BK - (G_BKK @ z_BK.unsqueeze(2)).squeeze(2)  # minus the gradient
         cand_BK = live_BK & ~passive_BK & (grad_BK > tol_B1)
         add_B = may_add_B & cand_BK.any(dim=1)
-        if not add_B.any() and may_add_B.all():
+        if not add_B.any() and may_add_B.all() and settled_B.all():
             break  # every row satisfies the KKT conditions
         j_B = torch.where(cand_BK, grad_BK, -torch.inf).argmax(dim=1)
         passive_BK = passive_BK | (torch.nn.functional.one_hot(j_B, K).bool() & add_B[:, None])
@@ -68,6 +72,7 @@ def nnls(G_BKK: Tensor, y_BK: Tensor, live_BK: Tensor, z0_BK: Tensor | None = No
         passive_BK = passive_BK & ~drop_BK & (z_BK > 0)
         z_BK = (z_BK * passive_BK).clamp(min=0)
         may_add_B = ~infeasible_B
+        settled_B = ~infeasible_B  # a feasible solve: z is the optimum on its passive set
     return z_BK
 
 
