@@ -16,7 +16,7 @@ from saelab.evals.latents import DashboardConfig, activations_of, context_of, la
 from saelab.evals.metrics import LatentUsage, ReconstructionMetrics, fvu
 from saelab.evals.overlap import jaccard, order_cosines, top_kept
 from saelab.evals.splice import CleanPass, clean_pass, spliced_loss
-from saelab.evals.store_codes import check_sae_fits_store, coded_batches
+from saelab.evals.store_codes import check_sae_fits_store, code_rows, coded_batches
 from saelab.evals.sweep import (
     CODER_NAMES,
     BatchPasses,
@@ -30,7 +30,7 @@ from saelab.evals.windows import METRICS, load_columns
 __all__ = ["CODER_NAMES", "METRICS", "BatchPasses", "CleanPass", "CoderName", "CoderSpec",
            "CompareConfig", "DashboardConfig", "EvaluateConfig", "Interval", "LatentUsage",
            "ReconstructionMetrics", "activations_of", "check_sae_fits_store", "clean_pass",
-           "coded_batches", "context_of",
+           "code_rows", "coded_batches", "context_of",
            "compare", "corpus_windows", "fvu", "interval", "jaccard", "latent_dashboard",
            "load_columns", "order_cosines", "paired_difference", "plan", "read_comparison",
            "resample_counts", "run_sweep", "score_dictionary", "site_activations",

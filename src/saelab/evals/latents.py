@@ -21,7 +21,7 @@ from torch import Tensor
 from saelab.activations import ActivationStore
 from saelab.coding import Coder, SparseCode
 from saelab.errors import SaelabError
-from saelab.evals.store_codes import check_sae_fits_store, coded_batches
+from saelab.evals.store_codes import check_sae_fits_store, code_rows
 from saelab.evals.sweep import CoderName, CoderSpec
 from saelab.formats import load_sae
 from saelab.io import write_json
@@ -88,7 +88,8 @@ def latent_dashboard(cfg: DashboardConfig) -> dict[str, Any]:
     check_sae_fits_store(sae, store, allow_mismatch=cfg.allow_mismatch)
     n = min(cfg.tokens, len(store))
     spec = CoderSpec.named(cfg.method)
-    code = _code(store, Coder(sae, spec.coder, k=cfg.k, nonnegative=spec.nonnegative), n, cfg)
+    code = code_rows(store, Coder(sae, spec.coder, k=cfg.k, nonnegative=spec.nonnegative), n,
+                     cfg.batch_size, cfg.device, cfg.method)
     counts_L = code.firing_counts(sae.n_latents)
     chosen = _choose(cfg, counts_L)
     acts_BA = activations_of(code, chosen, sae.n_latents)
@@ -106,12 +107,6 @@ def latent_dashboard(cfg: DashboardConfig) -> dict[str, Any]:
     write_json(cfg.out / "latents.json", result)
     write_dashboard(result, cfg.out / "dashboard.html")
     return result
-
-
-def _code(store: ActivationStore, coder: Coder, n: int, cfg: DashboardConfig) -> SparseCode:
-    return SparseCode.cat([SparseCode(code.indices.cpu(), code.values.cpu()) for _, code in
-                           coded_batches(store, coder, n, cfg.batch_size, cfg.device,
-                                         cfg.method)])
 
 
 def _choose(cfg: DashboardConfig, counts_L: Tensor) -> Tensor:

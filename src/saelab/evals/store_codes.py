@@ -56,3 +56,10 @@ def coded_batches(store: ActivationStore, coder: Coder, n: int, batch_size: int,
             x_BD = store[i:min(i + batch_size, n)].to(device, torch.float32)
             yield x_BD, coder(x_BD)
             bar.update(len(x_BD))
+
+
+def code_rows(store: ActivationStore, coder: Coder, n: int, batch_size: int, device: str,
+              desc: str) -> SparseCode:
+    """The code of the store's first n rows, on the CPU (the dashboards' and the judge's)."""
+    return SparseCode.cat([SparseCode(code.indices.cpu(), code.values.cpu()) for _, code in
+                           coded_batches(store, coder, n, batch_size, device, desc)])

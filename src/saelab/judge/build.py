@@ -37,11 +37,11 @@ from saelab.evals import (
     CoderSpec,
     activations_of,
     check_sae_fits_store,
-    coded_batches,
+    code_rows,
     context_of,
 )
 from saelab.formats import load_sae
-from saelab.io import record_run
+from saelab.io import record_run, to_json
 from saelab.judge.db import DATABASE, Trial, create_study_db
 from saelab.lm import LanguageModel, load_model
 
@@ -104,8 +104,7 @@ class JudgeNewConfig:
 def new_study(cfg: JudgeNewConfig) -> dict[str, Any]:
     """Code, draw and freeze every trial into `cfg.out/study.db`; return its summary. A
     folder holding a finished study of the same settings is read back, not rebuilt."""
-    record_run(cfg.out / "config.json", {k: str(v) if isinstance(v, Path) else v
-                                         for k, v in cfg.__dict__.items() if k != "out"},
+    record_run(cfg.out / "config.json", {k: v for k, v in to_json(cfg).items() if k != "out"},
                what="a judgement study")
     db = cfg.out / DATABASE
     if db.is_file():
@@ -118,10 +117,12 @@ def new_study(cfg: JudgeNewConfig) -> dict[str, Any]:
     specs = [CoderSpec.named(c) for c in cfg.coders]
     k = cfg.k
     if k is None and any(s.coder in PURSUIT_METHODS for s in specs):
-        encoder = _code(store, Coder(sae, "encoder"), n, cfg, "encoder")
+        encoder = code_rows(store, Coder(sae, "encoder"), n, cfg.batch_size, cfg.device,
+                            "encoder")
         k = max(1, round(float(encoder.l0().double().mean())))
-    codes = [_code(store, Coder(sae, s.coder, k=k if s.coder in PURSUIT_METHODS else None,
-                                nonnegative=s.nonnegative), n, cfg, s.name) for s in specs]
+    codes = [code_rows(store, Coder(sae, s.coder, k=k if s.coder in PURSUIT_METHODS else None,
+                                    nonnegative=s.nonnegative), n, cfg.batch_size, cfg.device,
+                       s.name) for s in specs]
     rng = random.Random(cfg.seed)
     fires = torch.stack([c.firing_counts(sae.n_latents) for c in codes])
     eligible = (fires >= MIN_FIRES).all(dim=0).nonzero().squeeze(1).tolist()
@@ -157,12 +158,6 @@ def new_study(cfg: JudgeNewConfig) -> dict[str, Any]:
     create_study_db(db, meta, trials)
     counts = {t: sum(tr.task == t for tr in trials) for t in cfg.tasks}
     return {"out": str(db), "reused": False, "trials": counts, "k": k, "tokens": n}
-
-
-def _code(store: ActivationStore, coder: Coder, n: int, cfg: JudgeNewConfig, desc: str
-          ) -> SparseCode:
-    return SparseCode.cat([SparseCode(c.indices.cpu(), c.values.cpu()) for _, c in
-                           coded_batches(store, coder, n, cfg.batch_size, cfg.device, desc)])
 
 
 class _Maker:

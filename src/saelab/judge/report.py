@@ -90,10 +90,6 @@ def judge_results(study: Path) -> dict[str, Any]:
             "agreement": _agreement(answers, raters, (first, second))}
 
 
-def _interval_json(i: Any) -> dict[str, float]:
-    return {"value": i.value, "low": i.low, "high": i.high}
-
-
 def _rate(answers: list[dict[str, Any]], first: str, second: str, tests: bool = True
           ) -> dict[str, Any]:
     scores: dict[str, dict[int, list[float]]] = {first: defaultdict(list),
@@ -106,8 +102,8 @@ def _rate(answers: list[dict[str, Any]], first: str, second: str, tests: bool = 
         entry: dict[str, Any] = {"latents": len(means),
                                  "mean": float(means.mean()) if len(means) else None}
         if tests and len(means) > 1:
-            entry["interval"] = _interval_json(bca_interval(means, lambda r: r.mean(axis=-1),
-                                                            level=LEVEL))
+            entry["interval"] = bca_interval(means, lambda r: r.mean(axis=-1),
+                                                            level=LEVEL).as_json()
         out["coders"][coder] = entry
     both = sorted(set(scores[first]) & set(scores[second]))
     d = np.array([np.mean(scores[second][i]) - np.mean(scores[first][i]) for i in both])
@@ -116,8 +112,8 @@ def _rate(answers: list[dict[str, Any]], first: str, second: str, tests: bool = 
     if tests and len(d) > 1:
         test = wilcoxon_pratt(d)
         spread = float(d.std(ddof=1))
-        paired |= {"interval": _interval_json(bca_interval(d, lambda r: r.mean(axis=-1),
-                                                           level=LEVEL)),
+        paired |= {"interval": bca_interval(d, lambda r: r.mean(axis=-1),
+                                                           level=LEVEL).as_json(),
                    "wilcoxon_pratt": {"statistic": test.statistic, "z": test.z,
                                       "p_value": test.p_value, "nonzero": test.nonzero,
                                       "alternative": f"{second} rated higher"},
@@ -141,7 +137,7 @@ def _pair(answers: list[dict[str, Any]], first: str, second: str) -> dict[str, A
         decided = wins + losses
         return {"answers": len(chosen), f"prefer {second}": wins, f"prefer {first}": losses,
                 "no difference": chosen.count(None),
-                "share_preferring_second": _interval_json(binomial_interval(wins, decided))
+                "share_preferring_second": binomial_interval(wins, decided).as_json()
                 if decided else None}
     out = shares(answers)
     out["by_confidence"] = {str(c): shares(a for a in answers
@@ -159,7 +155,7 @@ def _intruder(answers: list[dict[str, Any]], coders: tuple[str, str]) -> dict[st
         right = sum(a["answer"]["choice"] == a["key"]["intruder"] for a in mine)
         out["coders"][coder] = {
             "answers": len(mine), "correct": right,
-            "accuracy": _interval_json(binomial_interval(right, len(mine))) if mine else None,
+            "accuracy": binomial_interval(right, len(mine)).as_json() if mine else None,
             "p_value_vs_chance": binomial_tail(right, len(mine), CHANCE) if mine else None}
     return out
 

@@ -112,23 +112,26 @@ def create_app(study: Path, token: str | None = None) -> Any:
                             headers={"Cache-Control": "no-store",
                                      "Content-Security-Policy": policy})
 
-    async def join(request: Request) -> Response:
-        rater = await rater_of(request)
-        if rater is None:
-            return refused("a rater name of 1 to 80 characters")
+    def with_rater(handler: Any) -> Any:
+        """A route that needs a rater's name (1 to 80 characters) and refuses the rest."""
+        async def route(request: Request) -> Response:
+            rater = await rater_of(request)
+            if rater is None:
+                return refused("a rater name of 1 to 80 characters")
+            return await handler(request, rater)
+        return route
+
+    @with_rater
+    async def join(request: Request, rater: str) -> Response:
         db().join(rater)
         return JSONResponse({"rater": rater, "tasks": sorted(db().tasks()), **trial_for(rater)})
 
-    async def next_trial(request: Request) -> Response:
-        rater = await rater_of(request)
-        if rater is None:
-            return refused("a rater name")
+    @with_rater
+    async def next_trial(request: Request, rater: str) -> Response:
         return JSONResponse(trial_for(rater))
 
-    async def answer(request: Request) -> Response:
-        rater = await rater_of(request)
-        if rater is None:
-            return refused("a rater name")
+    @with_rater
+    async def answer(request: Request, rater: str) -> Response:
         body = request.state.body
         trial, given = body.get("trial"), body.get("answer")
         seconds = body.get("seconds")
@@ -146,10 +149,8 @@ def create_app(study: Path, token: str | None = None) -> Any:
             return refused("a trial not answered yet (undo it first)")
         return JSONResponse(trial_for(rater))
 
-    async def undo(request: Request) -> Response:
-        rater = await rater_of(request)
-        if rater is None:
-            return refused("a rater name")
+    @with_rater
+    async def undo(request: Request, rater: str) -> Response:
         back = db().undo(rater)
         state = trial_for(rater)
         if back is not None:

@@ -1,5 +1,5 @@
 """The statistics of a judgement study, in numpy and the standard library (scipy is the tests'
-reference, not a dependency).
+reference, not a dependency); intervals are the comparisons' `Interval`.
 
 - `wilcoxon_pratt`: the one-sided paired signed-rank test the Gated SAE paper used (section
   4.3), zeros ranked and then dropped (Pratt), ties given their mean rank, the normal
@@ -24,6 +24,8 @@ from statistics import NormalDist
 from typing import Literal
 
 import numpy as np
+
+from saelab.evals import Interval
 
 _NORMAL = NormalDist()
 
@@ -68,13 +70,6 @@ def wilcoxon_pratt(differences: np.ndarray) -> SignedRank:
         return SignedRank(r_plus, math.nan, math.nan, n - zeros)
     z = (r_plus - mean) / math.sqrt(variance)
     return SignedRank(r_plus, z, 1 - _NORMAL.cdf(z), n - zeros)
-
-
-@dataclass(frozen=True)
-class Interval:
-    value: float
-    low: float
-    high: float
 
 
 def bca_interval(rows: np.ndarray, statistic: Callable[[np.ndarray], np.ndarray], *,

@@ -96,17 +96,10 @@ def run_study(spec: StudySpec, out: Path, *, say: Callable[[str], None] = log.in
         if entry.trained:
             _score_snapshots(spec, entry, lm, fit_windows, windows, out, passes, device)
         seconds[f"score {entry.name}"] = time.perf_counter() - t
-    results = gather(spec, evaluations, {e.name: out / "evals" / e.name for e in
-                                         spec.dictionaries},
-                     {e.name: _training_outcome(out, e) for e in spec.dictionaries},
-                     {e.name: _curve_folders(spec, e, out) for e in spec.dictionaries
-                      if e.trained and _curve_folders(spec, e, out)})
-    results["answers"] = answers(results)
+    results = _results(spec, evaluations, out, scored_curves_only=False)
     results["seconds"] = {**seconds, "total": time.perf_counter() - began}
     if world.is_main:
-        write_json(out / RESULTS, results)
-        write_study_plots(results, out)
-        write_study_report(results, out)
+        _write(results, out)
     world.barrier()
     return results
 
@@ -151,27 +144,37 @@ def _gather_finished(spec: StudySpec, out: Path, say: Callable[[str], None]
         raise SaelabError(f"no dictionary of the study in {out} is scored yet",
                           expected="at least one finished comparison in evals/",
                           found="none", fix="let the study run on, then look again")
-    done_spec = dataclasses.replace(spec, dictionaries=tuple(
-        e for e in spec.dictionaries if e.name in evaluations))
-    finished = done_spec.dictionaries
-    results = gather(done_spec, evaluations, {e.name: out / "evals" / e.name for e in finished},
-                     {e.name: _training_outcome(out, e) for e in finished},
-                     {e.name: _curve_folders(spec, e, out) for e in finished
-                      if e.trained and _curves_done(spec, e, out)})
-    results["answers"] = answers(results)
+    results = _results(spec, evaluations, out, scored_curves_only=True)
     results["partial"] = {"scored": list(evaluations), "missing": missing}
     results["seconds"] = {}
     say(f"{len(evaluations)} of {len(spec.dictionaries)} dictionaries scored; "
         f"gathered into {out / PARTIAL}")
-    write_json(out / PARTIAL / RESULTS, results)
-    write_study_plots(results, out / PARTIAL)
-    write_study_report(results, out / PARTIAL)
+    _write(results, out / PARTIAL)
     return results
 
 
-def _curves_done(spec: StudySpec, entry: DictionaryEntry, out: Path) -> bool:
-    return all((folder / "windows.npz").is_file()
-               for folder in _curve_folders(spec, entry, out).values())
+def _results(spec: StudySpec, evaluations: dict[str, dict[str, Any]], out: Path, *,
+             scored_curves_only: bool) -> dict[str, Any]:
+    """The gathered rows and answers of the dictionaries in `evaluations`, with the training
+    curves of the trained ones (only those whose every point is scored, if asked)."""
+    entries = tuple(e for e in spec.dictionaries if e.name in evaluations)
+    curves = {}
+    for entry in (e for e in entries if e.trained):
+        folders = _curve_folders(spec, entry, out)
+        if folders and not (scored_curves_only and not all(
+                (f / "windows.npz").is_file() for f in folders.values())):
+            curves[entry.name] = folders
+    results = gather(dataclasses.replace(spec, dictionaries=entries), evaluations,
+                     {e.name: out / "evals" / e.name for e in entries},
+                     {e.name: _training_outcome(out, e) for e in entries}, curves)
+    results["answers"] = answers(results)
+    return results
+
+
+def _write(results: dict[str, Any], folder: Path) -> None:
+    write_json(folder / RESULTS, results)
+    write_study_plots(results, folder)
+    write_study_report(results, folder)
 
 
 def _comparison_config(spec: StudySpec, entry: DictionaryEntry, out: Path,
